@@ -1,0 +1,157 @@
+"""Generation: prefill + decode over the static KV cache, greedy and sampling, stop tokens.
+
+Owns `SamplingParams`, request validation, `sample()` (on the device) and the step functions the
+scheduler reuses (`prefill`, `decode_step`). No threads, no sockets: the server drives these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moe_runtime.errors import InvalidRequest
+from moe_runtime.model import Transformer
+
+# B batch, V vocab
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """max_new_tokens: tokens to generate (>= 1). temperature: 0 = greedy (default). top_p: nucleus
+    mass in (0, 1]. seed: per-request sampling seed (None: nondeterministic). stop_token_ids: ids that
+    end the sequence (the model's eos is added unless ignore_eos)."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_new_tokens}")
+        if not (self.temperature >= 0.0):
+            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "length" | "stop"
+
+
+def validate_prompt(prompt_ids: list[int], params: SamplingParams, model: Transformer) -> None:
+    """Raise InvalidRequest for an empty, out-of-vocabulary or over-long prompt."""
+    if not prompt_ids:
+        raise InvalidRequest("prompt is empty")
+    vocab = model.args.vocab_size
+    bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
+    if bad:
+        raise InvalidRequest(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    limit = model.args.max_seq_len
+    if len(prompt_ids) + params.max_new_tokens > limit:
+        raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_new_tokens}) "
+                             f"exceeds the model's context of {limit} tokens")
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:
+    """Next ids [B] from logits [B, V]; per-row temperature [B] (0 = greedy) and top_p [B].
+
+    Sampling is an exponential race (argmax of p / Exp(1)), which equals multinomial sampling and lets
+    each row draw its noise from its own generator; everything stays on the device.
+    """
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    if not bool((temperature > 0).any()):  # host read of a tiny flag; the greedy fast path
+        return greedy
+    probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep = (sorted_p.cumsum(-1) - sorted_p) < top_p[:, None]  # always keeps the top token
+    sorted_p = sorted_p * keep
+    probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    noise = torch.stack([
+        torch.empty(logits.shape[-1], device=logits.device).exponential_(generator=g) for g in generators
+    ])
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+@torch.inference_mode()
+def prefill(model: Transformer, prompt_ids: list[int], slot: int) -> torch.Tensor:
+    """Run one prompt through the model into cache row `slot`; logits [V] of its last position."""
+    device = model.output.weight.device
+    n = len(prompt_ids)
+    tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    pos = torch.arange(n, device=device)[None]
+    slots = None if slot == 0 else torch.tensor([slot], device=device)
+    return model(tokens, pos, slots, kv_len=n)[0, -1]
+
+
+@torch.inference_mode()
+def decode_step(model: Transformer, tokens: torch.Tensor, positions: list[int], slots: list[int]) -> torch.Tensor:
+    """One token per sequence: tokens [B] at `positions` in cache rows `slots`; logits [B, V]."""
+    device = tokens.device
+    pos = torch.tensor(positions, device=device)[:, None]
+    slot_t = None if slots == list(range(len(slots))) else torch.tensor(slots, device=device)
+    return model(tokens[:, None], pos, slot_t, kv_len=max(positions) + 1)[:, -1]
+
+
+def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    """Generate for a batch of prompts of different lengths; returns generated ids only."""
+    params.validate()
+    if not prompts:
+        raise InvalidRequest("no prompts given")
+    for p in prompts:
+        validate_prompt(p, params, model)
+    device = model.output.weight.device
+    need = max(len(p) for p in prompts) + params.max_new_tokens
+    if model.max_batch < len(prompts) or model.max_cache_len < need:
+        model.setup_cache(max(len(prompts), model.max_batch), max(need, model.max_cache_len))
+    stop = set(params.stop_token_ids)
+    if not params.ignore_eos and model.args.eos_token_id is not None:
+        stop.add(model.args.eos_token_id)
+    done = [Completion(list(p)) for p in prompts]
+    gens = [make_generator(None if params.seed is None else params.seed + i, device) if params.temperature > 0
+            else None for i in range(len(prompts))]
+    temp = torch.full((len(prompts),), params.temperature, device=device)
+    top_p = torch.full((len(prompts),), params.top_p, device=device)
+    logits = torch.stack([prefill(model, p, i) for i, p in enumerate(prompts)])  # [B, V]
+    active = list(range(len(prompts)))
+    while active:
+        next_ids = sample(logits, temp[active], top_p[active], [gens[i] for i in active])
+        still = []
+        for row, tok in zip(active, next_ids.tolist()):
+            c = done[row]
+            c.output_ids.append(tok)
+            if tok in stop:
+                c.finish_reason = "stop"
+            elif len(c.output_ids) >= params.max_new_tokens:
+                c.finish_reason = "length"
+            else:
+                still.append(row)
+        if not still:
+            break
+        keep = [active.index(r) for r in still]
+        positions = [len(done[r].prompt_ids) + len(done[r].output_ids) - 1 for r in still]
+        logits = decode_step(model, next_ids[keep], positions, still)
+        active = still
+    return done

@@ -1,0 +1,332 @@
+"""The Mixtral-architecture decoder: RMSNorm, RoPE, GQA attention over a static KV cache, MoE block.
+
+Owns `ModelArgs` (presets and `from_hf_config`), the modules and the per-expert load counters. Routing
+and expert math live in gating.py / experts.py; weights are loaded by weights.py. No I/O here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_runtime.config import GatingConfig
+from moe_runtime.errors import ConfigError
+from moe_runtime.experts import run_experts
+from moe_runtime.gating import route
+
+# B batch, S new tokens per sequence, T = B*S tokens, L layers, E experts, K top-k,
+# H hidden, F expert ffn, NH query heads, NKV key/value heads, D head dim, V vocab, M cache length
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336  # F, per expert
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int | None = None  # defaults to hidden_size // num_heads
+    num_experts: int = 8
+    top_k: int = 2
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    max_seq_len: int = 32768
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        checks = {
+            "top_k must be in 1..num_experts": 1 <= self.top_k <= self.num_experts,
+            "num_heads must be a multiple of num_kv_heads": self.num_heads % self.num_kv_heads == 0,
+            "head_dim must be even (RoPE)": self.head_dim % 2 == 0,
+        }
+        for message, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"invalid model config: {message} ({self})")
+
+    @classmethod
+    def from_name(cls, name: str) -> ModelArgs:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+        return PRESETS[name]
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
+        """A transformers `config.json` (MixtralConfig) as ModelArgs; unknown architectures fail."""
+        model_type = config.get("model_type")
+        if model_type != "mixtral":
+            raise ConfigError(f"unsupported model_type {model_type!r}: only 'mixtral' is supported")
+        rope = config.get("rope_parameters") or {}
+        rope_theta = rope.get("rope_theta", config.get("rope_theta", 1e6))
+        if rope.get("rope_type", "default") != "default":
+            raise ConfigError(f"unsupported rope_type {rope.get('rope_type')!r}: only 'default'")
+        try:
+            return cls(
+                vocab_size=config["vocab_size"],
+                hidden_size=config["hidden_size"],
+                intermediate_size=config["intermediate_size"],
+                num_layers=config["num_hidden_layers"],
+                num_heads=config["num_attention_heads"],
+                num_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+                head_dim=config.get("head_dim"),
+                num_experts=config["num_local_experts"],
+                top_k=config["num_experts_per_tok"],
+                rms_norm_eps=config.get("rms_norm_eps", 1e-5),
+                rope_theta=float(rope_theta),
+                max_seq_len=config.get("max_position_embeddings", 32768),
+                sliding_window=config.get("sliding_window"),
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                bos_token_id=config.get("bos_token_id"),
+                eos_token_id=_first(config.get("eos_token_id")),
+            )
+        except KeyError as exc:
+            raise ConfigError(f"config.json lacks required field {exc.args[0]!r}") from exc
+
+    def with_(self, **changes: Any) -> ModelArgs:
+        return replace(self, **changes)
+
+    def expert_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one expert's weights (w1, w3, w2)."""
+        return 3 * self.hidden_size * self.intermediate_size * _dtype_size(dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, list) and value else value
+
+
+def _dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+PRESETS: dict[str, ModelArgs] = {
+    # Tiny: CPU tests and the demo. Vocab covers bytes so text prompts work without a tokenizer.
+    "tiny": ModelArgs(
+        vocab_size=384, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+        num_experts=8, top_k=2, max_seq_len=512, rope_theta=10000.0,
+    ),
+    "mixtral-8x7b": ModelArgs(),
+    "mixtral-8x22b": ModelArgs(
+        vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_layers=56, num_heads=48,
+        num_kv_heads=8, max_seq_len=65536,
+    ),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as HF Mixtral does, then scale in the input dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_seq_len, D] in float32 (HF's rotate-half layout)."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    t = torch.arange(args.max_seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # [M, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [M, D]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, S, N, D]; cos/sin [B, S, D] gathered at each token's position."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache [max_batch, M, NKV, D]: a sequence owns one batch slot for its life."""
+
+    def __init__(self, max_batch: int, max_seq: int, num_kv_heads: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (max_batch, max_seq, num_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots, input_pos, k, v, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, S, NKV, D] at (slot, position); return the slots' caches [B, kv_len, NKV, D]."""
+        if slots is None:  # the batch is cache rows 0..B-1: views, no gather
+            b = k.shape[0]
+            rows = torch.arange(b, device=k.device)[:, None]
+            self.k[rows, input_pos] = k
+            self.v[rows, input_pos] = v
+            return self.k[:b, :kv_len], self.v[:b, :kv_len]
+        self.k[slots[:, None], input_pos] = k
+        self.v[slots[:, None], input_pos] = v
+        return self.k[slots, :kv_len], self.v[slots, :kv_len]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        nh, nkv, d, h = args.num_heads, args.num_kv_heads, args.head_dim, args.hidden_size
+        self.wq = nn.Linear(h, nh * d, bias=False)
+        self.wk = nn.Linear(h, nkv * d, bias=False)
+        self.wv = nn.Linear(h, nkv * d, bias=False)
+        self.wo = nn.Linear(nh * d, h, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, input_pos, slots, kv_len: int) -> torch.Tensor:
+        b, s, _ = x.shape
+        a = self.args
+        q = self.wq(x).view(b, s, a.num_heads, a.head_dim)
+        k = self.wk(x).view(b, s, a.num_kv_heads, a.head_dim)
+        v = self.wv(x).view(b, s, a.num_kv_heads, a.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is None:
+            raise RuntimeError("KV cache not set up: call Transformer.setup_cache() first")
+        k, v = self.kv_cache.update(slots, input_pos, k, v, kv_len)  # [B, kv_len, NKV, D]
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            scale=1.0 / math.sqrt(a.head_dim), enable_gqa=a.num_heads != a.num_kv_heads,
+        )  # [B, NH, S, D]
+        return self.wo(y.transpose(1, 2).reshape(b, s, a.num_heads * a.head_dim))
+
+
+class MoEBlock(nn.Module):
+    """Router + E SwiGLU experts, with per-expert load counters kept on the device.
+
+    Pipeline (owning module of each stage):
+    [gate] gating.route -> [top-k] gating.route -> [fetch experts] expert_cache (buffering issue)
+    -> [dispatch] experts.run_experts -> [expert FFN] experts.run_experts -> [combine] experts.run_experts
+    """
+
+    def __init__(self, args: ModelArgs, gating: GatingConfig) -> None:
+        super().__init__()
+        self.args, self.gating = args, gating
+        e, f, h = args.num_experts, args.intermediate_size, args.hidden_size
+        self.router = nn.Linear(h, e, bias=False)
+        self.w13 = nn.Parameter(torch.empty(e, 2 * f, h))  # [E, 2F, H] = cat(w1, w3), nn.Linear layout
+        self.w2 = nn.Parameter(torch.empty(e, h, f))  # [E, H, F]
+        # Cumulative token-slots routed to each expert and static-gating drops; read on request only.
+        self.register_buffer("expert_load", torch.zeros(e, dtype=torch.int64), persistent=False)
+        self.register_buffer("dropped_slots", torch.zeros((), dtype=torch.int64), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [T, H]
+        routing = route(self.router(flat), self.args.top_k)
+        self.expert_load += routing.expert_counts
+        out, dropped = run_experts(
+            flat, self.w13, self.w2, routing.topk_weights, routing.topk_ids,
+            gating=self.gating.mode, capacity_fraction=self.gating.capacity_fraction,
+            expert_counts=routing.expert_counts,
+        )
+        if dropped is not None:
+            self.dropped_slots += dropped
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, gating: GatingConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.moe = MoEBlock(args, gating)
+
+    def forward(self, x, cos, sin, mask, input_pos, slots, kv_len: int) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, slots, kv_len)
+        return x + self.moe(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, gating: GatingConfig | None = None) -> None:
+        super().__init__()
+        self.args = args
+        self.gating = gating or GatingConfig()
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, self.gating) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.output = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.tie_weights()
+        self.max_batch, self.max_cache_len = 0, 0
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when the config says so (again after to_empty,
+        which materialises meta parameters one module at a time and so unties them)."""
+        if self.args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @property
+    def moe_blocks(self) -> list[MoEBlock]:
+        return [layer.moe for layer in self.layers]
+
+    def set_gating(self, gating: GatingConfig) -> None:
+        self.gating = gating
+        for moe in self.moe_blocks:
+            moe.gating = gating
+
+    def setup_cache(self, max_batch: int, max_seq: int | None = None) -> None:
+        """Allocate the static KV cache for `max_batch` concurrent sequences of up to `max_seq` tokens."""
+        max_seq = min(max_seq or self.args.max_seq_len, self.args.max_seq_len)
+        ref = self.output.weight
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(
+                max_batch, max_seq, self.args.num_kv_heads, self.args.head_dim, ref.dtype, ref.device
+            )
+        self.max_batch, self.max_cache_len = max_batch, max_seq
+        self.rope_cos, self.rope_sin = rope_tables(self.args, ref.device)
+
+    def reset_counters(self) -> None:
+        """Zero the per-expert load and drop counters (buffers are uninitialised after to_empty)."""
+        for moe in self.moe_blocks:
+            moe.expert_load.zero_()
+            moe.dropped_slots.zero_()
+
+    def expert_load(self) -> torch.Tensor:
+        """Cumulative token-slots per (layer, expert) [L, E], still on the device."""
+        return torch.stack([moe.expert_load for moe in self.moe_blocks])
+
+    def dropped_slots(self) -> torch.Tensor:
+        return torch.stack([moe.dropped_slots for moe in self.moe_blocks]).sum()
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor,
+        slots: torch.Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        """tokens [B, S] at positions input_pos [B, S] of cache rows `slots` [B] (None: rows 0..B-1).
+
+        kv_len bounds the cache positions attended (callers know it on the host: max position + 1).
+        Returns logits [B, S, V] in the model dtype.
+        """
+        kv_len = kv_len or self.max_cache_len
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [B, S, D]
+        key_pos = torch.arange(kv_len, device=tokens.device)
+        mask = key_pos[None, None, :] <= input_pos[:, :, None]  # [B, S, kv_len] causal by position
+        if self.args.sliding_window:
+            mask &= key_pos[None, None, :] > input_pos[:, :, None] - self.args.sliding_window
+        mask = mask[:, None]  # [B, 1, S, kv_len]
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos, slots, kv_len)
+        return self.output(self.norm(x))
