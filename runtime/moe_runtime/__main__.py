@@ -81,10 +81,58 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags of `serve` that override RuntimeConfig fields: flag -> (section or None, field, type).
+_SERVE_FLAGS = {
+    "model": (None, "model", str), "model_name": (None, "model_name", str), "device": (None, "device", str),
+    "dtype": (None, "dtype", str), "placement": (None, "placement_file", str),
+    "record_trace": (None, "record_trace", str),
+    "gating": ("gating", "mode", str), "capacity_fraction": ("gating", "capacity_fraction", float),
+    "host": ("serving", "host", str), "grpc_port": ("serving", "grpc_port", int),
+    "metrics_port": ("serving", "metrics_port", int), "admin_port": ("serving", "admin_port", int),
+    "admin_bind_address": ("serving", "admin_bind_address", str),
+    "max_running_sequences": ("serving", "max_running_sequences", int),
+    "max_batch_tokens": ("serving", "max_batch_tokens", int), "max_queue": ("serving", "max_queue", int),
+    "max_tokens_limit": ("serving", "max_tokens_limit", int), "max_seq_len": ("serving", "max_seq_len", int),
+    "drain_grace_seconds": ("serving", "drain_grace_seconds", float),
+}
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve the model over gRPC (OIP v2, Generation, ExpertControl)")
+    p.add_argument("--config", help="RuntimeConfig YAML; flags below override its fields")
+    for flag, (_, _, kind) in _SERVE_FLAGS.items():
+        p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None)
+    p.set_defaults(func=_cmd_serve)
+
+
+def runtime_config(args: argparse.Namespace):
+    """RuntimeConfig from --config, then every flag given on the command line on top."""
+    from moe_runtime.config import RuntimeConfig
+
+    data = {}
+    if args.config:
+        data = RuntimeConfig.from_yaml(args.config).to_dict()
+    for flag, (section, field, _) in _SERVE_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            (data.setdefault(section, {}) if section else data)[field] = value
+    return RuntimeConfig.from_dict(data)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from moe_runtime.server import run_until_signalled
+
+    asyncio.run(run_until_signalled(runtime_config(args)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-runtime", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -23,3 +23,54 @@ def save_tiny_hf_mixtral(path: str | Path, *, seed: int = 0, shard: bool = False
     model = MixtralForCausalLM(MixtralConfig(**config)).eval()
     model.save_pretrained(path, max_shard_size="100KB" if shard else "5GB")
     return model
+
+
+class ServerThread:
+    """A RuntimeServer on its own event loop in a background thread (tests, benchmarks)."""
+
+    def __init__(self, config, model=None):
+        import asyncio
+        import threading
+
+        from moe_runtime.server import RuntimeServer
+
+        self.server = RuntimeServer(config, model)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="moe-test-server", daemon=True)
+
+    def __enter__(self):
+        import asyncio
+
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=300)
+        return self
+
+    def call(self, coro, timeout: float = 60):
+        """Run a coroutine (e.g. server.drain(...)) on the server's loop and wait for it."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=timeout)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    @property
+    def admin_address(self) -> str:
+        return f"127.0.0.1:{self.server.admin_port}"
+
+    def __exit__(self, *exc):
+        try:
+            self.call(self.server.stop(grace=5.0), timeout=60)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+
+
+def loopback_config(**serving):
+    """A RuntimeConfig for the tiny preset on 127.0.0.1 with OS-chosen ports."""
+    from moe_runtime.config import RuntimeConfig, ServingConfig
+
+    fields = dict(host="127.0.0.1", grpc_port=0, metrics_port=0, admin_port=0, admin_bind_address="127.0.0.1")
+    fields.update(serving)
+    return RuntimeConfig(model="tiny", serving=ServingConfig(**fields))

@@ -1,0 +1,240 @@
+"""Continuous batching: a bounded request queue and the engine loop that runs the model.
+
+Requests join the running batch (prefill into a free KV-cache row) and leave it (finish, stop, cancel,
+deadline) at decode-step boundaries. One engine thread owns the model; callers talk to it through
+`Engine.submit()` and each request's `sink`. No gRPC here: server.py adapts this to the wire.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from moe_runtime.config import ServingConfig
+from moe_runtime.errors import CapacityExceeded, InvalidRequest, ModelNotReady
+from moe_runtime.generate import SamplingParams, decode_step, make_generator, prefill, sample, validate_prompt
+from moe_runtime.model import Transformer
+
+
+@dataclass
+class TokenEvent:
+    """What a request's sink receives: new token ids, and at the end a finish reason or an error."""
+
+    token_ids: list[int]
+    finish_reason: str | None = None  # "length" | "stop" | "cancelled"
+    error: Exception | None = None
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[TokenEvent], None]
+    deadline: float | None = None  # time.monotonic() seconds
+    request_id: str = ""
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    output_ids: list[int] = field(default_factory=list)
+    slot: int | None = None
+    _stop_reason: str | None = None
+    _generator: torch.Generator | None = None
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the engine to end this request at the next step boundary (thread-safe flag)."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+
+    @property
+    def position(self) -> int:
+        """Cache position of the last emitted token (the next decode input)."""
+        return len(self.prompt_ids) + len(self.output_ids) - 1
+
+
+class Engine:
+    """Owns the model and its KV cache; runs prefill/decode steps in its own thread."""
+
+    def __init__(self, model: Transformer, serving: ServingConfig, on_step: Callable[[Engine], None] | None = None):
+        self.model, self.serving = model, serving
+        self.max_seq_len = min(serving.max_seq_len, model.args.max_seq_len)
+        model.setup_cache(serving.max_running_sequences, self.max_seq_len)
+        self.device = model.output.weight.device
+        self.stop_ids = {model.args.eos_token_id} if model.args.eos_token_id is not None else set()
+        self.lock = threading.Lock()  # guards the model between the engine thread and readers
+        self._cv = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._free_slots = list(range(serving.max_running_sequences))
+        self._ids = itertools.count()
+        self._accepting, self._stopped = True, False
+        self._on_step = on_step
+        self._thread = threading.Thread(target=self._loop, name="moe-engine", daemon=True)
+
+    # ---- caller side -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: Request) -> Request:
+        """Validate and queue a request; raises InvalidRequest, CapacityExceeded or ModelNotReady."""
+        self.validate(request.prompt_ids, request.params)
+        with self._cv:
+            if not self._accepting:
+                raise ModelNotReady("server is draining: not accepting new requests")
+            if len(self._waiting) >= self.serving.max_queue:
+                raise CapacityExceeded(f"request queue is full ({self.serving.max_queue} waiting)")
+            request.request_id = request.request_id or f"req-{next(self._ids)}"
+            if request.params.temperature > 0:
+                request._generator = make_generator(request.params.seed, self.device)
+            self._waiting.append(request)
+            self._cv.notify()
+        return request
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        params.validate()
+        if params.max_new_tokens > self.serving.max_tokens_limit:
+            raise InvalidRequest(f"max_tokens {params.max_new_tokens} exceeds the server limit "
+                                 f"{self.serving.max_tokens_limit}")
+        validate_prompt(prompt_ids, params, self.model)
+        if len(prompt_ids) + params.max_new_tokens > self.max_seq_len:
+            raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_new_tokens}) "
+                                 f"exceeds the server's max_seq_len {self.max_seq_len}")
+
+    def stop_accepting(self) -> None:
+        with self._cv:
+            self._accepting = False
+
+    def in_flight(self) -> int:
+        with self._cv:
+            return len(self._waiting) + len(self._running)
+
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def running(self) -> int:
+        return len(self._running)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no request is waiting or running (drain), or the timeout passes."""
+        end = time.monotonic() + timeout
+        with self._cv:
+            while self._waiting or self._running:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, 0.05))
+        return True
+
+    def shutdown(self) -> None:
+        """Stop the loop; requests still present are ended as cancelled."""
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    # ---- engine thread -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopped and not self._waiting and not self._running:
+                    self._cv.wait(0.5)
+                if self._stopped:
+                    break
+            try:
+                self.step()
+            except Exception as exc:  # a failed step must not leave callers hanging
+                self._fail_all(exc)
+        self._fail_all(None)
+
+    def step(self) -> None:
+        """One engine step: drop ended requests, admit new ones (prefill), decode the running batch."""
+        with self.lock:
+            self._retire_ended()
+            admitted = self._admit()
+            decoding = [r for r in self._running if r not in admitted]
+            if decoding:
+                self._decode(decoding)
+            self._retire_ended()
+        if self._on_step is not None:
+            self._on_step(self)
+        with self._cv:
+            self._cv.notify_all()
+
+    def _admit(self) -> list[Request]:
+        """Prefill waiting requests into free rows within the step's token budget."""
+        budget = self.serving.max_batch_tokens - len(self._running)
+        admitted: list[Request] = []
+        while self._free_slots:
+            with self._cv:
+                if not self._waiting:
+                    break
+                req = self._waiting[0]
+                # A long prompt alone in a step always makes progress, even over the budget.
+                if admitted and len(req.prompt_ids) > budget:
+                    break
+                self._waiting.popleft()
+            if req._stop_reason is not None or self._expired(req):
+                self._finish(req, req._stop_reason or "cancelled")
+                continue
+            req.slot = self._free_slots.pop(0)
+            self._running.append(req)
+            logits = prefill(self.model, req.prompt_ids, req.slot)
+            self._emit([req], logits[None])
+            budget -= len(req.prompt_ids)
+            admitted.append(req)
+        return admitted
+
+    def _decode(self, batch: list[Request]) -> None:
+        tokens = torch.tensor([r.output_ids[-1] for r in batch], device=self.device)
+        logits = decode_step(self.model, tokens, [r.position for r in batch], [r.slot for r in batch])
+        self._emit(batch, logits)
+
+    def _emit(self, batch: list[Request], logits: torch.Tensor) -> None:
+        temp = torch.tensor([r.params.temperature for r in batch], device=self.device)
+        top_p = torch.tensor([r.params.top_p for r in batch], device=self.device)
+        ids = sample(logits, temp, top_p, [r._generator for r in batch]).tolist()
+        now = time.monotonic()
+        for req, tok in zip(batch, ids):
+            req.output_ids.append(tok)
+            req.first_token_time = req.first_token_time or now
+            stop = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else self.stop_ids)
+            if tok in stop:
+                req._stop_reason = req._stop_reason or "stop"
+            elif len(req.output_ids) >= req.params.max_new_tokens:
+                req._stop_reason = req._stop_reason or "length"
+            req.sink(TokenEvent([tok]))
+
+    def _expired(self, req: Request) -> bool:
+        return req.deadline is not None and time.monotonic() > req.deadline
+
+    def _retire_ended(self) -> None:
+        for req in list(self._running):
+            if self._expired(req):
+                req.cancel("cancelled")
+            if req._stop_reason is not None:
+                self._running.remove(req)
+                self._free_slots.append(req.slot)
+                self._finish(req, req._stop_reason)
+
+    def _finish(self, req: Request, reason: str | None, error: Exception | None = None) -> None:
+        req.sink(TokenEvent([], finish_reason=reason, error=error))
+
+    def _fail_all(self, error: Exception | None) -> None:
+        with self._cv:
+            pending = list(self._waiting) + list(self._running)
+            self._waiting.clear()
+            self._running.clear()
+            self._free_slots = list(range(self.serving.max_running_sequences))
+            self._cv.notify_all()
+        for req in pending:
+            self._finish(req, "cancelled" if error is None else None, error)
+
+    def expert_load(self) -> torch.Tensor:
+        """Cumulative token-slots per (layer, expert) [L, E] on the host (reads between steps)."""
+        with self.lock:
+            return self.model.expert_load().cpu()
