@@ -225,10 +225,15 @@ class MoEBlock(nn.Module):
         # Cumulative token-slots routed to each expert and static-gating drops; read on request only.
         self.register_buffer("expert_load", torch.zeros(e, dtype=torch.int64), persistent=False)
         self.register_buffer("dropped_slots", torch.zeros((), dtype=torch.int64), persistent=False)
+        # Expert parallelism (parallel.py) takes over dispatch and combine when set.
+        self.parallel = None
+        self.layer_index = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, H]
+        if self.parallel is not None:
+            return self.parallel.forward(self.layer_index, self, flat).view(shape)
         routing = route(self.router(flat), self.args.top_k)
         self.expert_load += routing.expert_counts
         out, dropped = run_experts(
@@ -261,10 +266,16 @@ class Transformer(nn.Module):
         self.gating = gating or GatingConfig()
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(Block(args, self.gating) for _ in range(args.num_layers))
+        for i, layer in enumerate(self.layers):
+            layer.moe.layer_index = i
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.output = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
         self.max_batch, self.max_cache_len = 0, 0
+        # Called with each forward's inputs (and each cache setup) before it runs: the expert-parallel
+        # leader broadcasts them so that every rank replays the same steps (parallel.Lockstep).
+        self.step_hook = None
+        self.setup_hook = None
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -286,6 +297,8 @@ class Transformer(nn.Module):
     def setup_cache(self, max_batch: int, max_seq: int | None = None) -> None:
         """Allocate the static KV cache for `max_batch` concurrent sequences of up to `max_seq` tokens."""
         max_seq = min(max_seq or self.args.max_seq_len, self.args.max_seq_len)
+        if self.setup_hook is not None:
+            self.setup_hook(max_batch, max_seq)
         ref = self.output.weight
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(
@@ -320,6 +333,8 @@ class Transformer(nn.Module):
         Returns logits [B, S, V] in the model dtype.
         """
         kv_len = kv_len or self.max_cache_len
+        if self.step_hook is not None:
+            self.step_hook(tokens, input_pos, slots, kv_len)
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [B, S, D]
         key_pos = torch.arange(kv_len, device=tokens.device)
         mask = key_pos[None, None, :] <= input_pos[:, :, None]  # [B, S, kv_len] causal by position

@@ -21,6 +21,9 @@ def save_tiny_hf_mixtral(path: str | Path, *, seed: int = 0, shard: bool = False
     config.update(overrides)
     torch.manual_seed(seed)
     model = MixtralForCausalLM(MixtralConfig(**config)).eval()
+    # The plain loop over experts: transformers' CPU grouped_mm needs 16-byte-aligned shapes.
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")
     model.save_pretrained(path, max_shard_size="100KB" if shard else "5GB")
     return model
 

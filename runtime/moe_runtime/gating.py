@@ -1,0 +1,41 @@
+"""Router: logits -> softmax -> top-k -> (topk_weights, topk_ids) plus exact per-expert counts.
+
+Owns the Mixtral routing semantics (as transformers' MixtralTopKRouter) and nothing else: no expert
+compute (experts.py), no load export (metrics.py). Pure tensor code; it never syncs with the host, so
+the counts can feed a CUDA-graph-captured step and are read back only when someone asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# T tokens, E experts, K top-k, H hidden, F ffn
+
+
+@dataclass(frozen=True)
+class Routing:
+    topk_weights: torch.Tensor  # [T, K] float32, renormalised over the K chosen when renormalize=True
+    topk_ids: torch.Tensor  # [T, K] int64
+    expert_counts: torch.Tensor  # [E] int32, exact token-slots per expert, stays on the device
+
+
+def route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True) -> Routing:
+    """router logits [T, E] -> softmax in float32 -> top-k -> renormalised weights (Mixtral semantics, as HF MixtralTopKRouter)."""
+    if router_logits.dim() != 2:
+        raise ValueError(f"router_logits must be [tokens, experts], got shape {tuple(router_logits.shape)}")
+    num_experts = router_logits.shape[1]
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+    # Softmax in float32 whatever the logits' dtype: bf16 probabilities tie too often for a stable top-k.
+    probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
+    topk_weights, topk_ids = torch.topk(probs, top_k, dim=-1)  # [T, K], [T, K]
+    if renormalize:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    # Exact counts by a scatter-add of ones, not torch.bincount: bincount reads its max on the host (a
+    # sync on CUDA, an error under graph capture); the scatter has a static shape and stays on the device.
+    flat_ids = topk_ids.reshape(-1)  # [T*K]
+    expert_counts = torch.zeros(num_experts, dtype=torch.int32, device=flat_ids.device)  # [E]
+    expert_counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
+    return Routing(topk_weights, topk_ids, expert_counts)
