@@ -121,10 +121,20 @@ def runtime_config(args: argparse.Namespace):
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
+    import os
 
-    from moe_runtime.server import run_until_signalled
+    from moe_runtime.parallel import ParallelConfig
+    from moe_runtime.server import run_follower, run_until_signalled
 
-    asyncio.run(run_until_signalled(runtime_config(args)))
+    config = runtime_config(args)
+    backend = "nccl" if config.device.startswith("cuda") else "gloo"
+    try:  # the expert-parallel env contract the operator injects (MOE_GROUP_SIZE, ...)
+        parallel = ParallelConfig.from_env(os.environ, backend)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    if parallel is not None and not parallel.is_leader:
+        return asyncio.run(run_follower(config, parallel))
+    asyncio.run(run_until_signalled(config, parallel))
     return 0
 
 

@@ -29,10 +29,14 @@ class PlacementConflict(PlacementError):
 
 
 class ExpertController:
-    def __init__(self, engine: Engine, placement: Placement, group_size: int = 1):
+    """lockstep (parallel.Lockstep, expert-parallel groups only): per-slot counters are gathered from
+    the ranks and placements are applied on every rank, both through the engine thread."""
+
+    def __init__(self, engine: Engine, placement: Placement, group_size: int = 1, lockstep=None):
         args = engine.model.args
         placement.validate(args.num_experts, args.num_layers)
         self.engine, self.placement, self.group_size = engine, placement, group_size
+        self.lockstep = lockstep
         self.ready = False
         self.start_time = time.time()
         self._lock = threading.Lock()
@@ -53,10 +57,19 @@ class ExpertController:
                 for i, slot in enumerate(slots):
                     self._slot_totals[layer, slot] += share + (1 if i < rest else 0)
 
+    def _gathered(self) -> np.ndarray:
+        """[L, P] slot counters of every rank (rank-major slots), read between engine steps."""
+        load = self.engine.call_soon(self.lockstep.gather_load).result(timeout=60)  # [W, L, S]
+        return load.permute(1, 0, 2).reshape(load.shape[1], -1).numpy()
+
     def expert_load_message(self) -> ec_pb.ExpertLoad:
         with self._lock:
-            self._fold()
-            p, totals = self.placement, self._slot_totals.copy()
+            p = self.placement
+            if self.lockstep is not None:
+                totals = self._gathered()
+            else:
+                self._fold()
+                totals = self._slot_totals.copy()
         now, start = Timestamp(), Timestamp()
         now.FromNanoseconds(time.time_ns())
         start.FromNanoseconds(int(self.start_time * 1e9))
@@ -69,12 +82,15 @@ class ExpertController:
 
     def slot_totals(self) -> np.ndarray:
         with self._lock:
+            if self.lockstep is not None:
+                return self._gathered()
             self._fold()
             return self._slot_totals.copy()
 
     def apply_placement(self, new: Placement) -> tuple[bool, int]:
         """(unchanged, bytes copied). Same version + body: no-op; same version, other body: conflict;
-        older: stale. On one rank every expert is resident, so a valid placement moves no weights."""
+        older: stale. On one rank every expert is resident, so a valid placement moves no weights;
+        in a group every rank copies its new experts and all switch at one step boundary."""
         args = self.engine.model.args
         with self._lock:
             cur = self.placement
@@ -88,6 +104,10 @@ class ExpertController:
             if new.num_ranks != self.group_size:
                 raise PlacementError(f"placement has num_ranks {new.num_ranks}, this group has "
                                      f"{self.group_size} rank(s)")
+            if self.lockstep is not None:
+                copied = self.engine.call_soon(lambda: self.lockstep.apply(new)).result(timeout=600)
+                self.placement = new
+                return False, copied
             self._fold()  # counts so far belong to the old slots
             if new.num_slots != cur.num_slots:  # other slot shape: counters restart (start_time says so)
                 self._slot_totals = np.zeros((args.num_layers, new.num_slots), dtype=np.int64)

@@ -12,6 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -59,8 +60,20 @@ class Request:
 class Engine:
     """Owns the model and its KV cache; runs prefill/decode steps in its own thread."""
 
-    def __init__(self, model: Transformer, serving: ServingConfig, on_step: Callable[[Engine], None] | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        serving: ServingConfig,
+        on_step: Callable[[Engine], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
+        on_error: Callable[[Exception], None] | None = None,
+        idle_seconds: float = 1.0,
+    ):
+        """on_step: after every step (metrics). on_idle: every `idle_seconds` without work (the
+        expert-parallel heartbeat). on_error: a step failed (default: fail the requests in flight)."""
         self.model, self.serving = model, serving
+        self._on_idle, self._on_error, self._idle_seconds = on_idle, on_error, idle_seconds
+        self._tasks: deque[tuple[Callable[[], object], Future]] = deque()
         self.max_seq_len = min(serving.max_seq_len, model.args.max_seq_len)
         model.setup_cache(serving.max_running_sequences, self.max_seq_len)
         self.device = model.output.weight.device
@@ -104,6 +117,17 @@ class Engine:
             raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_new_tokens}) "
                                  f"exceeds the server's max_seq_len {self.max_seq_len}")
 
+    def call_soon(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` in the engine thread between steps (collectives must keep the step order)."""
+        future: Future = Future()
+        with self._cv:
+            if self._stopped:
+                future.set_exception(ModelNotReady("engine stopped"))
+                return future
+            self._tasks.append((fn, future))
+            self._cv.notify()
+        return future
+
     def stop_accepting(self) -> None:
         with self._cv:
             self._accepting = False
@@ -141,19 +165,40 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stopped and not self._waiting and not self._running:
-                    self._cv.wait(0.5)
+                idle = False
+                while not (self._stopped or self._waiting or self._running or self._tasks):
+                    if not self._cv.wait(self._idle_seconds):
+                        idle = True
+                        break
                 if self._stopped:
                     break
             try:
-                self.step()
+                if idle and self._on_idle is not None:
+                    with self.lock:
+                        self._on_idle()
+                else:
+                    self.step()
             except Exception as exc:  # a failed step must not leave callers hanging
                 self._fail_all(exc)
+                if self._on_error is not None:
+                    self._on_error(exc)
         self._fail_all(None)
+
+    def _run_tasks(self) -> None:
+        while True:
+            with self._cv:
+                if not self._tasks:
+                    return
+                fn, future = self._tasks.popleft()
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
 
     def step(self) -> None:
         """One engine step: drop ended requests, admit new ones (prefill), decode the running batch."""
         with self.lock:
+            self._run_tasks()
             self._retire_ended()
             admitted = self._admit()
             decoding = [r for r in self._running if r not in admitted]
@@ -227,6 +272,9 @@ class Engine:
     def _fail_all(self, error: Exception | None) -> None:
         with self._cv:
             pending = list(self._waiting) + list(self._running)
+            for _, future in self._tasks:
+                future.set_exception(error or ModelNotReady("engine stopped"))
+            self._tasks.clear()
             self._waiting.clear()
             self._running.clear()
             self._free_slots = list(range(self.serving.max_running_sequences))

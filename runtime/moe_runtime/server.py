@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import threading
 import time
@@ -35,6 +36,7 @@ from moe_runtime.errors import CapacityExceeded, InvalidRequest, ModelNotReady
 from moe_runtime.generate import SamplingParams
 from moe_runtime.metrics import RuntimeMetrics
 from moe_runtime.model import Transformer
+from moe_runtime.parallel import ExpertParallel, Lockstep, ParallelConfig, init_group
 from moe_runtime.placement import Placement, PlacementError, round_robin
 from moe_runtime.scheduler import Engine, Request, TokenEvent
 from moe_runtime.tokenizer import Tokenizer, load_tokenizer
@@ -345,8 +347,10 @@ def placement_from_proto(msg: ec_pb.Placement) -> Placement:
 class RuntimeServer:
     """Lifecycle: bind ports, load weights, warm up, serve, drain, stop."""
 
-    def __init__(self, config: RuntimeConfig, model: Transformer | None = None):
-        self.config, self._model = config, model
+    def __init__(self, config: RuntimeConfig, model: Transformer | None = None,
+                 parallel: ParallelConfig | None = None):
+        self.config, self._model, self.parallel = config, model, parallel
+        self._lockstep: Lockstep | None = None
         self.serving = Serving(config.served_model_name, RuntimeMetrics(), health_aio.HealthServicer())
         self.grpc_port = self.admin_port = self.metrics_port = 0
         self._draining = False
@@ -369,10 +373,18 @@ class RuntimeServer:
         model = self._model or load_model(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype),
                                           gating=cfg.gating, seed=cfg.seed)
         args = model.args
-        placement = (Placement.from_json(Path(cfg.placement_file).read_text()) if cfg.placement_file
-                     else round_robin(args.num_layers, args.num_experts, 1))
-        engine = Engine(model, cfg.serving, on_step=self._observe_step)
-        control = ExpertController(engine, placement)
+        world = self.parallel.world_size if self.parallel else 1
+        placement = initial_placement(cfg, args, world)
+        if self.parallel is None:
+            engine = Engine(model, cfg.serving, on_step=self._observe_step)
+            control = ExpertController(engine, placement)
+        else:
+            init_group(self.parallel)
+            self._lockstep = lockstep = Lockstep(model, ExpertParallel(model, placement, 0, world))
+            lockstep.lead()
+            engine = Engine(model, cfg.serving, on_step=self._observe_step, on_idle=lockstep.heartbeat,
+                            on_error=_exit_group)
+            control = ExpertController(engine, placement, world, lockstep)
         ckpt = Path(cfg.model) if Path(cfg.model).is_dir() else None
         self.serving.tokenizer = load_tokenizer(ckpt, args.vocab_size)
         self.serving.engine, self.serving.control = engine, control
@@ -415,13 +427,61 @@ class RuntimeServer:
         await self._server.stop(1.0)
         await self._admin.stop(0)
         self._http.shutdown()
-        if self.serving.engine is not None:
-            self.serving.engine.shutdown()
+        engine = self.serving.engine
+        if engine is not None:
+            if self._lockstep is not None:  # followers leave their loop and exit 0
+                engine.call_soon(self._lockstep.shutdown).result(timeout=30)
+            engine.shutdown()
 
 
-async def run_until_signalled(config: RuntimeConfig) -> None:
+def initial_placement(cfg: RuntimeConfig, args, world: int) -> Placement:
+    """--placement FILE, else round-robin over the group's ranks."""
+    if cfg.placement_file:
+        placement = Placement.from_json(Path(cfg.placement_file).read_text())
+    else:
+        placement = round_robin(args.num_layers, args.num_experts, world)
+    placement.validate(args.num_experts, args.num_layers)
+    return placement
+
+
+def _exit_group(exc: Exception) -> None:
+    """A lost peer (or any failed collective) ends this rank; the operator restarts the group whole."""
+    print(json.dumps({"event": "fatal", "error": repr(exc)}), flush=True)
+    os._exit(3)
+
+
+async def run_follower(config: RuntimeConfig, parallel: ParallelConfig) -> int:
+    """Ranks > 0: health on the gRPC port, join the group, replay the leader's steps until shutdown."""
+    cfg = config.serving
+    health = health_aio.HealthServicer()
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def join() -> Lockstep:
+        model = load_model(config.model, device=config.device, dtype=getattr(torch, config.dtype),
+                           gating=config.gating, seed=config.seed)
+        init_group(parallel)
+        placement = initial_placement(config, model.args, parallel.world_size)
+        return Lockstep(model, ExpertParallel(model, placement, parallel.rank, parallel.world_size))
+
+    lockstep = await asyncio.to_thread(join)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    print(json.dumps({"event": "following", "rank": parallel.rank, "grpc_port": port}), flush=True)
+    try:
+        await asyncio.to_thread(lockstep.follow)
+    except Exception as exc:
+        _exit_group(exc)
+    await server.stop(0)
+    print(json.dumps({"event": "stopped", "rank": parallel.rank}), flush=True)
+    return 0
+
+
+async def run_until_signalled(config: RuntimeConfig, parallel: ParallelConfig | None = None) -> None:
     """`moe-runtime serve`: serve until SIGTERM/SIGINT, then drain within the grace period."""
-    server = RuntimeServer(config)
+    server = RuntimeServer(config, parallel=parallel)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-
 from moe_runtime.generate import SamplingParams, generate
 from moe_runtime.testing import save_tiny_hf_mixtral
 from moe_runtime.weights import load_checkpoint
