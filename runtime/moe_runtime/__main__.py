@@ -138,11 +138,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_offline_tools(sub) -> None:
+    from moe_runtime.cache_sim import add_cache_sim_arguments, cache_sim_main
+    from moe_runtime.placement import add_plan_arguments, plan_main
+
+    sim = sub.add_parser("cache-sim", help="replay a routing trace through the expert-cache policies")
+    add_cache_sim_arguments(sim)
+    sim.set_defaults(func=cache_sim_main)
+    plan = sub.add_parser("plan", help="plan an expert placement from a routing trace")
+    add_plan_arguments(plan)
+    plan.set_defaults(func=plan_main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-runtime", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_serve(sub)
+    _add_offline_tools(sub)
     return parser
 
 
