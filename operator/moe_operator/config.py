@@ -30,6 +30,8 @@ class OperatorConfig:
     group_ready_timeout_seconds: a restarted group not ready by then fails the rollout (seconds).
     metrics_port: Prometheus HTTP port of moe_operator_* metrics. health_port: kopf's liveness
     endpoint (`/healthz`). standalone: no kopf peering (one replica). cluster_domain: DNS suffix.
+    kubeconfig: a kubeconfig file to use instead of the pod's service account (out-of-cluster runs, the
+    demo); `KUBECONFIG` is honoured when MOE_OPERATOR_KUBECONFIG is unset.
     """
 
     namespaces: tuple[str, ...] = ()
@@ -41,6 +43,7 @@ class OperatorConfig:
     health_port: int = 8080
     standalone: bool = True
     cluster_domain: str = "cluster.local"
+    kubeconfig: str = ""
 
     def __post_init__(self) -> None:
         for name in ("load_poll_seconds", "rpc_timeout_seconds", "group_ready_timeout_seconds"):
@@ -73,6 +76,8 @@ class OperatorConfig:
             if raw is None or raw.strip() == "":
                 continue
             values[name] = _parse(name, raw.strip(), default)
+        if "kubeconfig" not in values and env.get("KUBECONFIG"):
+            values["kubeconfig"] = env["KUBECONFIG"].split(os.pathsep)[0]
         return cls(**values)
 
 
