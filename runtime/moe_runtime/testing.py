@@ -77,3 +77,68 @@ def loopback_config(**serving):
     fields = dict(host="127.0.0.1", grpc_port=0, metrics_port=0, admin_port=0, admin_bind_address="127.0.0.1")
     fields.update(serving)
     return RuntimeConfig(model="tiny", serving=ServingConfig(**fields))
+
+
+def hot_prompt_tokens(model_source: str, hot_experts: set[int], count: int = 6, length: int = 8) -> list[int]:
+    """Token ids whose repeated prompt routes every layer's top-k into `hot_experts` (skewed load).
+
+    With a random model the routing is near uniform; requests that repeat such tokens are how the tests
+    and the demo make a few experts hot, as real traffic does."""
+    import numpy as np
+    import torch
+
+    from moe_runtime.weights import load_model
+
+    model = load_model(model_source)
+    found = []
+    for token in range(model.args.vocab_size):
+        model.reset_counters()
+        with torch.no_grad():
+            model(torch.tensor([[token] * length]), torch.arange(length)[None], kv_len=length)
+        if all(set(np.nonzero(row)[0].tolist()) <= hot_experts for row in model.expert_load().numpy()):
+            found.append(token)
+            if len(found) == count:
+                return found
+    raise ValueError(f"no token of {model_source} routes only to experts {sorted(hot_experts)}")
+
+
+class SkewedLoad:
+    """Client threads sending short requests over gRPC until stopped; counts what did not succeed."""
+
+    def __init__(self, address: str, prompts: list[list[int]], clients: int = 3):
+        import threading
+
+        self.address, self.prompts = address, prompts
+        self.ok = self.failed = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        import grpc
+
+        from moe_runtime.api.v1 import generation_pb2 as gen
+        from moe_runtime.api.v1 import generation_pb2_grpc as gen_grpc
+
+        with grpc.insecure_channel(self.address) as channel:
+            stub, n = gen_grpc.GenerationStub(channel), i
+            while not self._stop.is_set():
+                prompt = self.prompts[n % len(self.prompts)]
+                n += 1
+                req = gen.GenerateRequest(prompt_ids=gen.TokenIds(ids=prompt), max_tokens=1, ignore_eos=True)
+                try:
+                    stub.GenerateUnary(req, timeout=30)
+                    self.ok += 1
+                except grpc.RpcError as exc:
+                    self.failed += 1
+                    self.errors.append(f"{exc.code().name}: {exc.details()}")
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)

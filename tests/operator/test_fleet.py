@@ -8,15 +8,12 @@ with no request failing meanwhile.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from moe_operator.__main__ import running
@@ -24,10 +21,8 @@ from moe_operator.config import OperatorConfig
 from moe_operator.emulator import running_cluster
 from moe_operator.emulator.fleet import Fleet
 from moe_operator.pods import expert_load, placement
-from moe_runtime.api.v1 import generation_pb2 as gen
-from moe_runtime.api.v1 import generation_pb2_grpc as gen_grpc
 from moe_runtime.placement import expert_load_from_slots, imbalance, rank_loads, round_robin
-from moe_runtime.weights import load_model
+from moe_runtime.testing import SkewedLoad, hot_prompt_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "moedeployments.serving.moefleet.dev.yaml"
@@ -45,24 +40,6 @@ def _get(url: str, path: str) -> dict:
         return json.loads(resp.read())
 
 
-def hot_tokens(ranks: int = 2, count: int = 6) -> list[int]:
-    """Tokens whose repeated prompts route every layer's top-k to rank 0 under round-robin placement."""
-    model = load_model("tiny")
-    args = model.args
-    rank0 = set(round_robin(args.num_layers, args.num_experts, ranks).slots[0][: -(-args.num_experts // ranks)])
-    found = []
-    for token in range(args.vocab_size):
-        model.reset_counters()
-        with torch.no_grad():
-            model(torch.tensor([[token] * 8]), torch.arange(8)[None], kv_len=8)
-        used = [set(np.nonzero(row)[0].tolist()) for row in model.expert_load().numpy()]
-        if all(u <= rank0 for u in used):
-            found.append(token)
-        if len(found) == count:
-            return found
-    raise AssertionError("no hot tokens in the tiny preset")
-
-
 def _deployment() -> dict:
     return {"apiVersion": "serving.moefleet.dev/v1alpha1", "kind": "MoEDeployment",
             "metadata": {"name": "demo", "namespace": "default"},
@@ -71,42 +48,6 @@ def _deployment() -> dict:
                      "rebalancing": {"mode": "InPlace", "planner": "greedy", "observationWindowSeconds": 10,
                                      "imbalanceThreshold": 1.2, "cooldownSeconds": 600},
                      "serving": {"drainGraceSeconds": 5}}}
-
-
-class _Load:
-    """Skewed traffic from a few client threads; counts every request that did not succeed."""
-
-    def __init__(self, address: str, tokens: list[int]):
-        self.address, self.tokens = address, tokens
-        self.ok = self.failed = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(3)]
-
-    def _run(self, i: int) -> None:
-        with grpc.insecure_channel(self.address) as ch:
-            stub = gen_grpc.GenerationStub(ch)
-            n = 0
-            while not self._stop.is_set():
-                token = self.tokens[(i + n) % len(self.tokens)]
-                n += 1
-                req = gen.GenerateRequest(prompt_ids=gen.TokenIds(ids=[token] * 16), max_tokens=1, ignore_eos=True)
-                try:
-                    stub.GenerateUnary(req, timeout=30)
-                    self.ok += 1
-                except grpc.RpcError as exc:
-                    self.failed += 1
-                    self.errors.append(f"{exc.code().name}: {exc.details()}")
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=30)
 
 
 def _window_imbalance(admin: str, seconds: float) -> tuple[float, np.ndarray, object]:
@@ -131,7 +72,8 @@ def _wait(predicate, timeout: float, what: str):
 
 @pytest.mark.timeout(240)
 def test_operator_rebalances_a_skewed_group_in_place_without_failing_requests(tmp_path):
-    tokens = hot_tokens()
+    rank0 = set(round_robin(2, 8, 2).slots[0][:4])  # the tiny preset's experts on rank 0 before any move
+    prompts = [[t] * 16 for t in hot_prompt_tokens("tiny", rank0)]
     with running_cluster(tmp_path / "kubeconfig") as cluster:
         _post(cluster.url, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD.read_text()))
         config = OperatorConfig(kubeconfig=str(cluster.kubeconfig), load_poll_seconds=1.0, rpc_timeout_seconds=5.0)
@@ -143,7 +85,7 @@ def test_operator_rebalances_a_skewed_group_in_place_without_failing_requests(tm
             leader_ip = fleet.pod_ip("demo-g0-0")
             admin, grpc_address = f"{leader_ip}:8003", f"{leader_ip}:8001"
             before = placement(admin)
-            with _Load(grpc_address, tokens) as load:
+            with SkewedLoad(grpc_address, prompts) as load:
                 skewed, slot_load, _ = _window_imbalance(admin, 4.0)
                 status = _wait(lambda: (s := _get(cluster.url, path).get("status") or {}).get(
                     "placement", {}).get("currentVersion", 0) >= 1 and s, 90, "a new placement")
