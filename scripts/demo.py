@@ -27,9 +27,10 @@ from moe_operator.emulator import running_cluster  # noqa: E402
 from moe_operator.emulator.fleet import Fleet  # noqa: E402
 from moe_operator.pods import expert_load, placement  # noqa: E402
 from moe_runtime.placement import imbalance  # noqa: E402
-from moe_runtime.testing import SkewedLoad, hot_prompt_tokens  # noqa: E402
+from moe_runtime.testing import SkewedLoad, heldout_prompts  # noqa: E402
 
 MANIFEST = ROOT / "examples" / "moedeployment-demo.yaml"
+MODEL = ROOT / "models" / "tiny-stdlib-moe"
 CRD = ROOT / "crds" / "moedeployments.serving.moefleet.dev.yaml"
 
 
@@ -62,9 +63,9 @@ def wait(predicate, timeout: float, what: str):
 
 
 def window(admin: str, seconds: float) -> float:
-    first = expert_load(admin)
+    first = expert_load(admin, timeout=30)
     time.sleep(seconds)
-    last = expert_load(admin)
+    last = expert_load(admin, timeout=30)
     return imbalance((last.counts - first.counts).sum(axis=2).T)
 
 
@@ -81,9 +82,10 @@ def loop(work: Path) -> None:
         env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "KUBECACHEDIR": str(work / "kubecache")}
         banner(f"Kubernetes API (in-repo emulator) at {cluster.url}; kubectl apply the CRD and a MoEDeployment")
         print(kubectl(env, "apply", "--validate=false", "-f", str(CRD)))
-        config = OperatorConfig(kubeconfig=str(cluster.kubeconfig), load_poll_seconds=1.0, rpc_timeout_seconds=5.0)
-        with Fleet(cluster.url, "default", work / "fleet", str(ROOT / "runtime")) as fleet, \
-                running(config, ["default"]):
+        config = OperatorConfig(kubeconfig=str(cluster.kubeconfig), load_poll_seconds=1.0, rpc_timeout_seconds=15.0)
+        fleet = Fleet(cluster.url, "default", work / "fleet", str(ROOT / "runtime"),
+                      volumes={"models": str(MODEL.parent)})
+        with fleet, running(config, ["default"]):
             print(kubectl(env, "apply", "--validate=false", "-f", str(MANIFEST)))
             wait(lambda: status(cluster.url).get("readyReplicas") == 1, 180, "the serving group")
             banner("the operator rendered a group of two expert-parallel pods (real moe-runtime processes)")
@@ -92,10 +94,8 @@ def loop(work: Path) -> None:
             admin, address = f"{ip}:8003", f"{ip}:8001"
             before = placement(admin)
             show_placement("placement before", before)
-            rank0 = set(before.slots[0][: before.slots_per_rank])
-            prompts = [[t] * 16 for t in hot_prompt_tokens("tiny", rank0)]
-            banner("skewed gRPC traffic: prompts whose experts all sit on rank 0")
-            with SkewedLoad(address, prompts) as load:
+            banner("gRPC traffic: held-out Python source; the model's hot experts make one rank the straggler")
+            with SkewedLoad(address, heldout_prompts(MODEL, count=6)) as load:
                 for _ in range(30):
                     if status(cluster.url).get("placement", {}).get("currentVersion", 0) >= 1:
                         break
@@ -112,11 +112,17 @@ def loop(work: Path) -> None:
 
 
 def main() -> int:
-    banner("moe-runtime generate: tiny preset, dynamic gating (dropless) vs static gating (capacity f=0.25)")
-    for gating in (["--gating", "dynamic"], ["--gating", "static", "--capacity-fraction", "0.25"]):
-        subprocess.run([sys.executable, "-m", "moe_runtime", "generate", "--model", "tiny", "--prompt",
-                        "def fibonacci(n):", "--max-new-tokens", "16", "--json", *gating], check=True,
+    for title, gating in (("dynamic gating (dropless, exact per-expert counts)", ["--gating", "dynamic"]),
+                          ("static gating, capacity f=0.25 (GShard cf 1.0): overflow tokens dropped",
+                           ["--gating", "static", "--capacity-fraction", "0.25"])):
+        banner(f"moe-runtime generate --model models/tiny-stdlib-moe, {title}")
+        subprocess.run([sys.executable, "-m", "moe_runtime", "generate", "--model", str(MODEL), "--prompt",
+                        "def fibonacci(n):\n", "--max-new-tokens", "48", *gating], check=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT / "runtime")})
+    keep = os.environ.get("MOE_DEMO_WORKDIR")  # keep pod logs there for a look afterwards
+    if keep:
+        loop(Path(keep))
+        return 0
     with tempfile.TemporaryDirectory(prefix="moe-demo-") as tmp:
         loop(Path(tmp))
     return 0

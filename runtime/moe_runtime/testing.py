@@ -142,3 +142,16 @@ class SkewedLoad:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=30)
+
+
+def heldout_prompts(checkpoint: str | Path, count: int = 24, length: int = 48) -> list[list[int]]:
+    """Token-id prompts cut from a checkpoint's committed held-out text (real routing, real skew)."""
+    from moe_runtime.tokenizer import load_tokenizer
+
+    checkpoint = Path(checkpoint)
+    tokenizer = load_tokenizer(checkpoint, 0)
+    if tokenizer is None:
+        raise ValueError(f"{checkpoint}: no tokenizer.json")
+    ids = tokenizer.encode((checkpoint / "heldout.txt").read_text()[:200_000])
+    step = max(length, len(ids) // count)
+    return [ids[i:i + length] for i in range(0, step * count, step) if len(ids[i:i + length]) == length]

@@ -1,6 +1,6 @@
 """Fleet simulation: emulator + operator + real runtime processes (1 group x 2 gloo ranks, loopback).
 
-Skewed load through gRPC makes one rank the straggler; the operator sees it in GetExpertLoad, plans,
+Held-out text through gRPC, routed by the trained demo model's hot experts, makes one rank the straggler; the operator sees it in GetExpertLoad, plans,
 applies the new placement in place, and the measured balance moves to what the planner predicted,
 with no request failing meanwhile.
 """
@@ -21,11 +21,13 @@ from moe_operator.config import OperatorConfig
 from moe_operator.emulator import running_cluster
 from moe_operator.emulator.fleet import Fleet
 from moe_operator.pods import expert_load, placement
-from moe_runtime.placement import expert_load_from_slots, imbalance, rank_loads, round_robin
-from moe_runtime.testing import SkewedLoad, hot_prompt_tokens
+from moe_runtime.placement import expert_load_from_slots, imbalance, rank_loads
+from moe_runtime.testing import SkewedLoad, heldout_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "moedeployments.serving.moefleet.dev.yaml"
+MANIFEST = ROOT / "examples" / "moedeployment-demo.yaml"  # what `make demo` runs
+MODEL = ROOT / "models" / "tiny-stdlib-moe"
 
 
 def _post(url: str, path: str, body: dict) -> dict:
@@ -40,20 +42,10 @@ def _get(url: str, path: str) -> dict:
         return json.loads(resp.read())
 
 
-def _deployment() -> dict:
-    return {"apiVersion": "serving.moefleet.dev/v1alpha1", "kind": "MoEDeployment",
-            "metadata": {"name": "demo", "namespace": "default"},
-            "spec": {"model": {"preset": "tiny"}, "replicas": 1, "expertParallelSize": 2,
-                     "resources": {"gpus": 0},
-                     "rebalancing": {"mode": "InPlace", "planner": "greedy", "observationWindowSeconds": 10,
-                                     "imbalanceThreshold": 1.2, "cooldownSeconds": 600},
-                     "serving": {"drainGraceSeconds": 5}}}
-
-
 def _window_imbalance(admin: str, seconds: float) -> tuple[float, np.ndarray, object]:
-    first = expert_load(admin)
+    first = expert_load(admin, timeout=30)
     time.sleep(seconds)
-    last = expert_load(admin)
+    last = expert_load(admin, timeout=30)
     assert first.placement_version == last.placement_version
     delta = (last.counts - first.counts)  # [W, L, S]
     slots = delta.transpose(1, 0, 2).reshape(delta.shape[1], -1)  # [L, P]
@@ -72,14 +64,15 @@ def _wait(predicate, timeout: float, what: str):
 
 @pytest.mark.timeout(240)
 def test_operator_rebalances_a_skewed_group_in_place_without_failing_requests(tmp_path):
-    rank0 = set(round_robin(2, 8, 2).slots[0][:4])  # the tiny preset's experts on rank 0 before any move
-    prompts = [[t] * 16 for t in hot_prompt_tokens("tiny", rank0)]
+    prompts = heldout_prompts(MODEL, count=6)  # real text: the trained model's hot experts skew the ranks
     with running_cluster(tmp_path / "kubeconfig") as cluster:
         _post(cluster.url, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD.read_text()))
-        config = OperatorConfig(kubeconfig=str(cluster.kubeconfig), load_poll_seconds=1.0, rpc_timeout_seconds=5.0)
-        fleet = Fleet(cluster.url, "default", tmp_path / "fleet", str(ROOT / "runtime"))
+        config = OperatorConfig(kubeconfig=str(cluster.kubeconfig), load_poll_seconds=1.0, rpc_timeout_seconds=15.0)
+        fleet = Fleet(cluster.url, "default", tmp_path / "fleet", str(ROOT / "runtime"),
+                      volumes={"models": str(MODEL.parent)})
         with fleet, running(config, ["default"]):
-            _post(cluster.url, "/apis/serving.moefleet.dev/v1alpha1/namespaces/default/moedeployments", _deployment())
+            deployment = yaml.safe_load(MANIFEST.read_text())
+            _post(cluster.url, "/apis/serving.moefleet.dev/v1alpha1/namespaces/default/moedeployments", deployment)
             path = "/apis/serving.moefleet.dev/v1alpha1/namespaces/default/moedeployments/demo"
             _wait(lambda: (_get(cluster.url, path).get("status") or {}).get("readyReplicas") == 1, 120, "group ready")
             leader_ip = fleet.pod_ip("demo-g0-0")
@@ -95,7 +88,7 @@ def test_operator_rebalances_a_skewed_group_in_place_without_failing_requests(tm
     expert = expert_load_from_slots(before, slot_load, 8)
     predicted = imbalance(rank_loads(after_placement, expert))
     assert load.failed == 0, load.errors[:3]
-    assert skewed > 1.5 and version == after_placement.version >= 1
-    assert balanced < skewed and balanced == pytest.approx(predicted, abs=0.15)
+    assert skewed > 1.15 and version == after_placement.version >= 1  # over the manifest's threshold
+    assert balanced < skewed and balanced == pytest.approx(predicted, abs=0.1)
     assert status["placement"]["history"][-1]["version"] == after_placement.version
     assert {"Rebalancing", "PlacementApplied"} <= {e.get("reason") for e in events}

@@ -177,25 +177,25 @@ class Fleet:
         return f"{ip}:{int(m.group('port')) + group}"
 
     def _mount(self, pod: _Pod, spec: dict, container: dict, args: list[str]) -> list[str]:
-        """Write the ConfigMaps a container mounts under the pod's workdir and point paths there."""
+        """Volumes on the host: ConfigMaps written under the pod's workdir, PVCs mapped to local folders.
+        Mount paths in the command and in the mounted files (runtime.yaml names the model path) are
+        rewritten to those places, as the container's mount namespace would present them."""
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        mounts: dict[str, Path] = {}
+        files: list[tuple[Path, str]] = []
         for mount in container.get("volumeMounts", []):
             volume = volumes.get(mount["name"], {})
             local = pod.workdir / "mounts" / mount["name"]
             if "configMap" in volume:
                 cm = self._req("GET", f"/api/v1/namespaces/{self.namespace}/configmaps/{volume['configMap']['name']}")
-                local.mkdir(parents=True, exist_ok=True)
-                for key, text in ((cm or {}).get("data") or {}).items():
-                    (local / key).write_text(text)
-                source = local / mount["subPath"] if mount.get("subPath") else local
+                files += [(local / key, text) for key, text in ((cm or {}).get("data") or {}).items()]
+                mounts[mount["mountPath"]] = local / mount["subPath"] if mount.get("subPath") else local
             elif "persistentVolumeClaim" in volume:
-                source = Path(self.volumes.get(volume["persistentVolumeClaim"]["claimName"], local))
-            else:
-                continue
-            target = mount["mountPath"]
-            args = [str(source) + a[len(target):] if a == target or a.startswith(target + "/") else a
-                    for a in args]
-        return args
+                mounts[mount["mountPath"]] = Path(self.volumes.get(volume["persistentVolumeClaim"]["claimName"], local))
+        for path, text in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(_rewrite_paths(text, mounts))
+        return [_rewrite_paths(a, mounts) for a in args]
 
     def _kubelet(self, pod: _Pod) -> None:
         if pod.process is None:
@@ -238,6 +238,12 @@ class Fleet:
         pod = self._pods[name]
         if pod.process is not None:
             os.killpg(pod.process.pid, signal.SIGKILL)
+
+
+def _rewrite_paths(text: str, mounts: dict[str, Path]) -> str:
+    for target in sorted(mounts, key=len, reverse=True):  # the longest mount path wins (/etc/moe/placement)
+        text = re.sub(re.escape(target) + r"(?=/|\b|$)", str(mounts[target]), text)
+    return text
 
 
 def _serving(address: str) -> bool:
