@@ -79,29 +79,6 @@ def loopback_config(**serving):
     return RuntimeConfig(model="tiny", serving=ServingConfig(**fields))
 
 
-def hot_prompt_tokens(model_source: str, hot_experts: set[int], count: int = 6, length: int = 8) -> list[int]:
-    """Token ids whose repeated prompt routes every layer's top-k into `hot_experts` (skewed load).
-
-    With a random model the routing is near uniform; requests that repeat such tokens are how the tests
-    and the demo make a few experts hot, as real traffic does."""
-    import numpy as np
-    import torch
-
-    from moe_runtime.weights import load_model
-
-    model = load_model(model_source)
-    found = []
-    for token in range(model.args.vocab_size):
-        model.reset_counters()
-        with torch.no_grad():
-            model(torch.tensor([[token] * length]), torch.arange(length)[None], kv_len=length)
-        if all(set(np.nonzero(row)[0].tolist()) <= hot_experts for row in model.expert_load().numpy()):
-            found.append(token)
-            if len(found) == count:
-                return found
-    raise ValueError(f"no token of {model_source} routes only to experts {sorted(hot_experts)}")
-
-
 class SkewedLoad:
     """Client threads sending short requests over gRPC until stopped; counts what did not succeed."""
 
