@@ -113,8 +113,29 @@ def tick(op: Operator, body, patch, logger) -> None:
     for g in restarted:
         op.metrics.group_restarts.labels(spec.name).inc()
         kopf.warning(body, reason="GroupRestarted", message=f"serving group {g} restarted as a whole")
-    if spec.rebalancing.automatic and not restarted and groups and all(g.ready for g in groups):
+    if spec.rebalancing.mode == "Rollout" or restarted or not groups or not all(g.ready for g in groups):
+        return
+    converge(op, spec, groups, body, patch)
+    if spec.rebalancing.automatic:
         rebalance(op, spec, groups, body, patch, logger)
+
+
+def converge(op: Operator, spec: DeploymentSpec, groups, body, patch) -> None:
+    """Leaders follow the stable placement (pinned changes apply live); a rollout interrupted by an
+    operator restart (targetVersion > currentVersion) is finished."""
+    recorded = (body.get("status") or {}).get("placement") or {}
+    target_version, current_version = recorded.get("targetVersion"), recorded.get("currentVersion")
+    target = None
+    if target_version is not None and current_version is not None and target_version > current_version:
+        target = reconcile.stored_placement(op.kube, spec, target_version)
+    desired = target or reconcile.current_placement(op.kube, spec)
+    switched = rollout.converge(spec, groups, desired, op.config.rpc_timeout_seconds * 6)
+    if switched:
+        kopf.info(body, reason="PlacementApplied", message=f"v{desired.version} applied in place to group(s) "
+                                                           f"{switched}")
+    if target is not None:
+        rollout.write_revision(op.kube, spec, target, current=True)
+        _record(op, spec, target, None, "InPlace", body, patch)
 
 
 def rebalance(op: Operator, spec: DeploymentSpec, groups, body, patch, logger) -> None:

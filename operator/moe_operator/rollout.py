@@ -100,3 +100,20 @@ def apply_in_place(spec: DeploymentSpec, groups: list[GroupState], new: Placemen
                     pods.apply_placement(admin_address(spec, ip), restore, timeout)
         raise RolloutFailed(str(exc), restore) from exc
     return copied
+
+
+def converge(spec: DeploymentSpec, groups: list[GroupState], desired: Placement, timeout: float) -> list[int]:
+    """Bring every ready group whose leader runs an older placement to `desired` (a pinned placement
+    that changed, a rollout the operator resumes after a restart); the groups switched."""
+    switched = []
+    for g in groups:
+        ip = g.leader_ip()
+        if ip is None or not g.ready:
+            continue
+        try:
+            if pods.placement(admin_address(spec, ip), timeout).version < desired.version:
+                pods.apply_placement(admin_address(spec, ip), desired, timeout)
+                switched.append(g.group)
+        except (pods.PodUnreachable, pods.PlacementRejected):
+            continue  # reconcile restarts a broken group from the stable ConfigMap
+    return switched

@@ -37,6 +37,13 @@ def _post(url: str, path: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
+def _patch(url: str, path: str, body: dict) -> dict:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="PATCH",
+                                 headers={"Content-Type": "application/merge-patch+json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
 def _get(url: str, path: str) -> dict:
     with urllib.request.urlopen(url + path, timeout=10) as resp:
         return json.loads(resp.read())
@@ -63,7 +70,7 @@ def _wait(predicate, timeout: float, what: str):
 
 
 @pytest.mark.timeout(240)
-def test_operator_rebalances_a_skewed_group_in_place_without_failing_requests(tmp_path):
+def test_operator_rebalances_a_skewed_group_in_place_and_then_follows_a_pinned_placement(tmp_path):
     prompts = heldout_prompts(MODEL, count=6)  # real text: the trained model's hot experts skew the ranks
     with running_cluster(tmp_path / "kubeconfig") as cluster:
         _post(cluster.url, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD.read_text()))
@@ -84,6 +91,11 @@ def test_operator_rebalances_a_skewed_group_in_place_without_failing_requests(tm
                     "placement", {}).get("currentVersion", 0) >= 1 and s, 90, "a new placement")
                 after_placement = placement(admin)
                 balanced, _, version = _window_imbalance(admin, 4.0)
+                pinned = after_placement.with_version(after_placement.version + 5)
+                pinned_spec = {"version": pinned.version, "numRanks": 2, "slotsPerRank": pinned.slots_per_rank,
+                               "slots": [list(reversed(layer)) for layer in pinned.slots]}
+                _patch(cluster.url, path, {"spec": {"rebalancing": {"pinnedPlacement": pinned_spec}}})
+                live = _wait(lambda: (p := placement(admin)).version == pinned.version and p, 60, "the pinned placement")
             events = _get(cluster.url, "/api/v1/namespaces/default/events").get("items", [])
     expert = expert_load_from_slots(before, slot_load, 8)
     predicted = imbalance(rank_loads(after_placement, expert))
@@ -92,3 +104,4 @@ def test_operator_rebalances_a_skewed_group_in_place_without_failing_requests(tm
     assert balanced < skewed and balanced == pytest.approx(predicted, abs=0.1)
     assert status["placement"]["history"][-1]["version"] == after_placement.version
     assert {"Rebalancing", "PlacementApplied"} <= {e.get("reason") for e in events}
+    assert [list(layer) for layer in live.slots] == pinned_spec["slots"]  # a pinned placement applies live
