@@ -48,7 +48,7 @@ class Operator:
             generation = int(body.get("metadata", {}).get("generation") or 0)
             patch.status["observedGeneration"] = generation
             patch.status["conditions"] = [_degraded("InvalidSpec", str(exc), generation, previous)]
-            kopf.warning(body, reason="InvalidSpec", message=str(exc))
+            kopf.warn(body, reason="InvalidSpec", message=str(exc))
             logger.warning("invalid spec: %s", exc)
             return None
 
@@ -112,7 +112,7 @@ def tick(op: Operator, body, patch, logger) -> None:
         raise _transient(op, exc) from exc
     for g in restarted:
         op.metrics.group_restarts.labels(spec.name).inc()
-        kopf.warning(body, reason="GroupRestarted", message=f"serving group {g} restarted as a whole")
+        kopf.warn(body, reason="GroupRestarted", message=f"serving group {g} restarted as a whole")
     if spec.rebalancing.mode == "Rollout" or restarted or not groups or not all(g.ready for g in groups):
         return
     converge(op, spec, groups, body, patch)
@@ -173,7 +173,7 @@ def _roll_in_place(op: Operator, spec, groups, new: Placement, current: Placemen
         previous = DeploymentStatus.from_resource(body)
         patch.status["conditions"] = [c for c in patch.status.get("conditions", []) if c["type"] != "Degraded"]
         patch.status["conditions"].append(_degraded("RolloutFailed", str(exc), spec.generation, previous))
-        kopf.warning(body, reason="RolloutFailed", message=f"placement v{new.version} rolled back: {exc}")
+        kopf.warn(body, reason="RolloutFailed", message=f"placement v{new.version} rolled back: {exc}")
         return
     rollout.write_revision(op.kube, spec, new, current=True)
     kopf.info(body, reason="PlacementApplied", message=f"v{new.version} applied in place to "

@@ -105,3 +105,30 @@ def test_operator_rebalances_a_skewed_group_in_place_and_then_follows_a_pinned_p
     assert status["placement"]["history"][-1]["version"] == after_placement.version
     assert {"Rebalancing", "PlacementApplied"} <= {e.get("reason") for e in events}
     assert [list(layer) for layer in live.slots] == pinned_spec["slots"]  # a pinned placement applies live
+
+
+@pytest.mark.timeout(240)
+def test_a_dead_rank_restarts_its_whole_group(tmp_path):
+    with running_cluster(tmp_path / "kubeconfig") as cluster:
+        _post(cluster.url, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD.read_text()))
+        config = OperatorConfig(kubeconfig=str(cluster.kubeconfig), load_poll_seconds=1.0, rpc_timeout_seconds=15.0)
+        deployment = yaml.safe_load((ROOT / "examples" / "moedeployment-tiny.yaml").read_text())
+        deployment["spec"]["rebalancing"] = {"mode": "Off"}
+        with Fleet(cluster.url, "default", tmp_path / "fleet", str(ROOT / "runtime")) as fleet, \
+                running(config, ["default"]):
+            _post(cluster.url, "/apis/serving.moefleet.dev/v1alpha1/namespaces/default/moedeployments", deployment)
+            path = "/apis/serving.moefleet.dev/v1alpha1/namespaces/default/moedeployments/tiny"
+            _wait(lambda: (_get(cluster.url, path).get("status") or {}).get("readyReplicas") == 1, 120, "group ready")
+            pods = "/api/v1/namespaces/default/pods"
+            uids = {p["metadata"]["name"]: p["metadata"]["uid"] for p in _get(cluster.url, pods)["items"]}
+            fleet.kill_process("tiny-g0-1")  # a follower rank crashes; its leader loses the peer too
+
+            def recreated() -> bool:
+                now = {p["metadata"]["name"]: p["metadata"]["uid"] for p in _get(cluster.url, pods)["items"]}
+                return set(now) == set(uids) and all(now[n] != uids[n] for n in uids)
+
+            _wait(recreated, 90, "both pods of the group to be recreated")
+            _wait(lambda: (_get(cluster.url, path).get("status") or {}).get("readyReplicas") == 1, 120,
+                  "the group to serve again")
+            events = _get(cluster.url, "/api/v1/namespaces/default/events").get("items", [])
+    assert "GroupRestarted" in {e.get("reason") for e in events}
