@@ -113,9 +113,10 @@ def tick(op: Operator, body, patch, logger) -> None:
     for g in restarted:
         op.metrics.group_restarts.labels(spec.name).inc()
         kopf.warn(body, reason="GroupRestarted", message=f"serving group {g} restarted as a whole")
-    if spec.rebalancing.mode == "Rollout" or restarted or not groups or not all(g.ready for g in groups):
+    if restarted or not groups or not all(g.ready for g in groups):
         return
-    converge(op, spec, groups, body, patch)
+    if spec.rebalancing.mode != "Rollout":  # Rollout changes placements by restarting groups instead
+        converge(op, spec, groups, body, patch)
     if spec.rebalancing.automatic:
         rebalance(op, spec, groups, body, patch, logger)
 

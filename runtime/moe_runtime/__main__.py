@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from moe_runtime.errors import RuntimeErrorBase
+from moe_runtime.errors import ConfigError, RuntimeErrorBase
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -36,7 +36,30 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_buffering_arguments(p)
+    p.add_argument("--no-prefetch", action="store_true", help="expert buffering without layer-ahead prefetch")
+    p.add_argument("--record-trace", metavar="FILE", help="write the routing trace (.npz) here at the end")
     p.set_defaults(func=_cmd_generate)
+
+
+def _add_buffering_arguments(p: argparse.ArgumentParser) -> None:
+    """Expert buffering flags shared by generate and serve (issue 5); a slot count or budget enables it."""
+    from moe_runtime.config import BUFFERING_POLICIES
+
+    p.add_argument("--expert-buffering-slots", type=int, metavar="N", help="device expert slots per MoE layer")
+    p.add_argument("--expert-buffering-gpu-memory-bytes", type=int, metavar="BYTES",
+                   help="device expert memory for all layers, split evenly (instead of --expert-buffering-slots)")
+    p.add_argument("--expert-buffering-policy", choices=BUFFERING_POLICIES, help="eviction policy (default lifo)")
+
+
+def _buffering_overrides(args: argparse.Namespace) -> dict:
+    """The expert_buffering fields the flags set; a slot count or a budget turns buffering on."""
+    out = {"slots_per_layer": args.expert_buffering_slots,
+           "gpu_memory_bytes": args.expert_buffering_gpu_memory_bytes, "policy": args.expert_buffering_policy}
+    out = {k: v for k, v in out.items() if v is not None}
+    if "slots_per_layer" in out or "gpu_memory_bytes" in out:
+        out = {"slots_per_layer": None, "gpu_memory_bytes": None, "enabled": True} | out
+    return out
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -46,17 +69,28 @@ def _parse_ids(text: str) -> list[int]:
         raise SystemExit(f"--prompt-ids: expected comma-separated integers ({exc})") from exc
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
+def _generate_model(args: argparse.Namespace):
+    """(model, trace recorder or None) for `generate`: experts buffered and routing recorded as asked."""
     import torch
 
-    from moe_runtime.config import GatingConfig
-    from moe_runtime.generate import SamplingParams, generate
-    from moe_runtime.tokenizer import load_tokenizer
+    from moe_runtime.config import ExpertBufferingConfig, GatingConfig
+    from moe_runtime.expert_cache import enable_expert_buffering
+    from moe_runtime.trace_recorder import TraceRecorder
     from moe_runtime.weights import load_model
 
     gating = GatingConfig(args.gating, args.capacity_fraction)
     model = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype), gating=gating,
                        seed=args.seed_weights)
+    buffering = ExpertBufferingConfig(**({"prefetch": not args.no_prefetch} | _buffering_overrides(args)))
+    enable_expert_buffering(model, buffering)
+    return model, TraceRecorder(model) if args.record_trace else None
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from moe_runtime.generate import SamplingParams, generate
+    from moe_runtime.tokenizer import load_tokenizer
+
+    model, recorder = _generate_model(args)
     ckpt = Path(args.model) if Path(args.model).is_dir() else None
     tokenizer = load_tokenizer(ckpt, model.args.vocab_size)
     if args.prompt is not None:
@@ -68,6 +102,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
     (completion,) = generate(model, [prompt_ids], params)
+    if recorder is not None:
+        recorder.save(args.record_trace)
     text = tokenizer.decode(completion.output_ids) if tokenizer is not None else None
     if args.json:
         out = {"prompt_ids": prompt_ids, "output_ids": completion.output_ids,
@@ -75,6 +111,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                "dropped_slots": int(model.dropped_slots())}
         if text is not None:
             out["text"] = text
+        if model.expert_buffering is not None:
+            out["expert_cache"] = model.expert_cache_stats().to_dict()
         print(json.dumps(out))
     else:
         print(text if text is not None else " ".join(map(str, completion.output_ids)))
@@ -102,6 +140,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--config", help="RuntimeConfig YAML; flags below override its fields")
     for flag, (_, _, kind) in _SERVE_FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None)
+    _add_buffering_arguments(p)
     p.set_defaults(func=_cmd_serve)
 
 
@@ -116,6 +155,7 @@ def runtime_config(args: argparse.Namespace):
         value = getattr(args, flag)
         if value is not None:
             (data.setdefault(section, {}) if section else data)[field] = value
+    data.setdefault("expert_buffering", {}).update(_buffering_overrides(args))
     return RuntimeConfig.from_dict(data)
 
 
@@ -132,6 +172,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         parallel = ParallelConfig.from_env(os.environ, backend)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
+    if parallel is not None and (config.expert_buffering.enabled or config.record_trace):
+        raise ConfigError("expert_buffering and record_trace are not supported with expert parallelism yet")
     if parallel is not None and not parallel.is_leader:
         return asyncio.run(run_follower(config, parallel))
     asyncio.run(run_until_signalled(config, parallel))

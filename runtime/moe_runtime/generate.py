@@ -1,7 +1,8 @@
 """Generation: prefill + decode over the static KV cache, greedy and sampling, stop tokens.
 
 Owns `SamplingParams`, request validation, `sample()` (on the device) and the step functions the
-scheduler reuses (`prefill`, `decode_step`). No threads, no sockets: the server drives these.
+scheduler reuses (`prefill`, `decode`, `next_tokens`). Decode replays a CUDA graph where cuda_graphs.py
+has one and runs eager otherwise. No threads, no sockets: the server drives these.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moe_runtime.cuda_graphs import decode_graphs
 from moe_runtime.errors import InvalidRequest
 from moe_runtime.model import Transformer
 
@@ -103,20 +105,69 @@ def prefill(model: Transformer, prompt_ids: list[int], slot: int) -> torch.Tenso
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     pos = torch.arange(n, device=device)[None]
     slots = None if slot == 0 else torch.tensor([slot], device=device)
-    return model(tokens, pos, slots, kv_len=n)[0, -1]
+    return model(tokens, pos, slots, kv_len=n, last_only=True)[0, -1]
+
+
+@dataclass
+class DecodeOutput:
+    """One decode step's logits [B, V] and, from a graph, their greedy argmax [B] made on the device.
+
+    static: the tensors are views of a CUDA graph's outputs, overwritten by its next replay.
+    """
+
+    logits: torch.Tensor
+    greedy_ids: torch.Tensor | None = None
+    static: bool = False
 
 
 @torch.inference_mode()
-def decode_step(model: Transformer, tokens: torch.Tensor, positions: list[int], slots: list[int]) -> torch.Tensor:
-    """One token per sequence: tokens [B] at `positions` in cache rows `slots`; logits [B, V]."""
-    device = tokens.device
+def decode(
+    model: Transformer, tokens: torch.Tensor | list[int], positions: list[int], slots: list[int],
+    *, cuda_graphs: bool = True,
+) -> DecodeOutput:
+    """One token per sequence: tokens [B] at `positions` in cache rows `slots`.
+
+    cuda_graphs: replay a captured step where cuda_graphs.py has one (CUDA, no expert parallelism,
+    dynamic gating); eager otherwise, and always with False.
+    """
+    graphs = decode_graphs(model) if cuda_graphs else None
+    replayed = graphs.run(model, tokens, positions, slots) if graphs is not None else None
+    if replayed is not None:
+        return DecodeOutput(*replayed, static=True)
+    device = model.output.weight.device
+    if not isinstance(tokens, torch.Tensor):
+        tokens = torch.tensor(tokens, device=device)
     pos = torch.tensor(positions, device=device)[:, None]
     slot_t = None if slots == list(range(len(slots))) else torch.tensor(slots, device=device)
-    return model(tokens[:, None], pos, slot_t, kv_len=max(positions) + 1)[:, -1]
+    return DecodeOutput(model(tokens[:, None], pos, slot_t, kv_len=max(positions) + 1)[:, -1])
 
 
-def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-    """Generate for a batch of prompts of different lengths; returns generated ids only."""
+def decode_step(model: Transformer, tokens: torch.Tensor | list[int], positions: list[int], slots: list[int],
+                *, cuda_graphs: bool = True) -> torch.Tensor:
+    """decode() for callers that keep the logits [B, V]: a copy when they came from a graph."""
+    out = decode(model, tokens, positions, slots, cuda_graphs=cuda_graphs)
+    return out.logits.clone() if out.static else out.logits
+
+
+def next_tokens(
+    out: DecodeOutput, temperatures: list[float], top_ps: list[float], generators: list[torch.Generator | None],
+) -> torch.Tensor:
+    """Next ids [B] on the device. A batch that is all greedy (known on the host) takes the argmax the
+    graph made, or makes it, with no host read; otherwise sample() over the logits."""
+    if not any(t > 0 for t in temperatures):
+        return out.greedy_ids if out.greedy_ids is not None else out.logits.float().argmax(dim=-1)
+    device = out.logits.device
+    return sample(out.logits, torch.tensor(temperatures, device=device), torch.tensor(top_ps, device=device),
+                  generators)
+
+
+def generate(
+    model: Transformer, prompts: list[list[int]], params: SamplingParams, *, cuda_graphs: bool = True
+) -> list[Completion]:
+    """Generate for a batch of prompts of different lengths; returns generated ids only.
+
+    cuda_graphs: decode through captured CUDA graphs where they apply (see decode()).
+    """
     params.validate()
     if not prompts:
         raise InvalidRequest("no prompts given")
@@ -132,12 +183,11 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     done = [Completion(list(p)) for p in prompts]
     gens = [make_generator(None if params.seed is None else params.seed + i, device) if params.temperature > 0
             else None for i in range(len(prompts))]
-    temp = torch.full((len(prompts),), params.temperature, device=device)
-    top_p = torch.full((len(prompts),), params.top_p, device=device)
-    logits = torch.stack([prefill(model, p, i) for i, p in enumerate(prompts)])  # [B, V]
+    out = DecodeOutput(torch.stack([prefill(model, p, i) for i, p in enumerate(prompts)]))  # logits [B, V]
     active = list(range(len(prompts)))
     while active:
-        next_ids = sample(logits, temp[active], top_p[active], [gens[i] for i in active])
+        n = len(active)
+        next_ids = next_tokens(out, [params.temperature] * n, [params.top_p] * n, [gens[i] for i in active])
         still = []
         for row, tok in zip(active, next_ids.tolist()):
             c = done[row]
@@ -152,6 +202,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
             break
         keep = [active.index(r) for r in still]
         positions = [len(done[r].prompt_ids) + len(done[r].output_ids) - 1 for r in still]
-        logits = decode_step(model, next_ids[keep], positions, still)
+        tokens = next_ids if len(keep) == n else next_ids[torch.tensor(keep, device=device)]
+        out = decode(model, tokens, positions, still, cuda_graphs=cuda_graphs)
         active = still
     return done

@@ -50,6 +50,20 @@ class RuntimeMetrics:
         self.running = Gauge("moe_runtime_running_sequences", "Sequences in the running batch.", registry=r)
         self.cache_hits = Counter("moe_runtime_expert_cache_hits", "Expert buffer hits.", registry=r)
         self.cache_misses = Counter("moe_runtime_expert_cache_misses", "Expert buffer misses.", registry=r)
+        self.cache_copied = Counter("moe_runtime_expert_cache_copied_bytes",
+                                    "Expert weights copied host to device (misses and prefetch).", registry=r)
+        self.cache_stall = Counter("moe_runtime_expert_cache_stall_seconds",
+                                   "Compute time spent waiting for expert copies.", registry=r)
+        self._cache_seen = (0, 0, 0, 0.0)  # hits, misses, bytes, stall seconds already counted
+
+    def observe_expert_cache(self, hits: int, misses: int, copied_bytes: int, stall_seconds: float) -> None:
+        """Advance the expert-cache counters to the engine's cumulative totals (called after each step)."""
+        now = (hits, misses, copied_bytes, stall_seconds)
+        counters = (self.cache_hits, self.cache_misses, self.cache_copied, self.cache_stall)
+        for counter, total, seen in zip(counters, now, self._cache_seen):
+            if total > seen:
+                counter.inc(total - seen)
+        self._cache_seen = now
 
     def watch_experts(self, read_load: Callable[[], list[list[int]]], read_version: Callable[[], int]) -> None:
         self.registry.register(_ExpertLoadCollector(read_load, read_version))

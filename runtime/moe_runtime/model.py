@@ -17,7 +17,7 @@ from torch import nn
 from moe_runtime.config import GatingConfig
 from moe_runtime.errors import ConfigError
 from moe_runtime.experts import run_experts
-from moe_runtime.gating import route
+from moe_runtime.gating import ForcedRouting, forced_route, route
 
 # B batch, S new tokens per sequence, T = B*S tokens, L layers, E experts, K top-k,
 # H hidden, F expert ffn, NH query heads, NKV key/value heads, D head dim, V vocab, M cache length
@@ -200,19 +200,34 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             raise RuntimeError("KV cache not set up: call Transformer.setup_cache() first")
         k, v = self.kv_cache.update(slots, input_pos, k, v, kv_len)  # [B, kv_len, NKV, D]
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-            scale=1.0 / math.sqrt(a.head_dim), enable_gqa=a.num_heads != a.num_kv_heads,
-        )  # [B, NH, S, D]
-        return self.wo(y.transpose(1, 2).reshape(b, s, a.num_heads * a.head_dim))
+        return self.wo(_grouped_query_attention(q, k, v, mask, 1.0 / math.sqrt(a.head_dim)))
+
+
+def _grouped_query_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """q [B, S, NH, D], k/v [B, kv_len, NKV, D], mask [B, 1, S, kv_len] -> [B, S, NH*D].
+
+    The G = NH/NKV query heads that share a kv head are folded into the query length, so SDPA sees equal
+    head counts. With a mask, enable_gqa leaves only the math backend (torch's sdp_utils.cpp: the
+    memory-efficient kernel rejects grouped heads, flash rejects masks), which copies k/v G times and
+    scores in float32; folded, the fused memory-efficient kernel runs (issue 8: decode and prefill).
+    """
+    b, s, nh, d = q.shape
+    nkv, kv_len = k.shape[2], k.shape[1]
+    g = nh // nkv
+    q = q.view(b, s, nkv, g, d).permute(0, 2, 1, 3, 4).reshape(b, nkv, s * g, d)  # row s*G+g, head kv*G+g
+    mask = mask[:, :, :, None, :].expand(b, 1, s, g, kv_len).reshape(b, 1, s * g, kv_len)
+    y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return y.view(b, nkv, s, g, d).permute(0, 2, 1, 3, 4).reshape(b, s, nh * d)  # [B, S, NH*D]
 
 
 class MoEBlock(nn.Module):
     """Router + E SwiGLU experts, with per-expert load counters kept on the device.
 
     Pipeline (owning module of each stage):
-    [gate] gating.route -> [top-k] gating.route -> [fetch experts] expert_cache (buffering issue)
+    [gate] gating.route -> [top-k] gating.route (or gating.forced_route) -> [fetch experts] expert_cache
     -> [dispatch] experts.run_experts -> [expert FFN] experts.run_experts -> [combine] experts.run_experts
+    With expert buffering (issue 5) expert_cache.ExpertCache runs fetch, dispatch, FFN and combine itself,
+    over its device slots and with the same math.
     """
 
     def __init__(self, args: ModelArgs, gating: GatingConfig) -> None:
@@ -228,14 +243,27 @@ class MoEBlock(nn.Module):
         # Expert parallelism (parallel.py) takes over dispatch and combine when set.
         self.parallel = None
         self.layer_index = 0
+        # Issue 5: a trace's routing replayed instead of the router's (Transformer.force_routing); the
+        # routing observer (trace_recorder.TraceRecorder); the device slots when experts are buffered
+        # (expert_cache.enable_expert_buffering: w13/w2 are then empty and the masters live on the host).
+        self.forced_routing: ForcedRouting | None = None
+        self.observer = None
+        self.expert_cache = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, H]
         if self.parallel is not None:
             return self.parallel.forward(self.layer_index, self, flat).view(shape)
-        routing = route(self.router(flat), self.args.top_k)
+        if self.forced_routing is not None:
+            routing = forced_route(self.forced_routing, flat.shape[0], self.args.num_experts)
+        else:
+            routing = route(self.router(flat), self.args.top_k)
         self.expert_load += routing.expert_counts
+        if self.observer is not None:
+            self.observer.routed(self.layer_index, routing)
+        if self.expert_cache is not None:
+            return self.expert_cache.forward(flat, routing).view(shape)
         out, dropped = run_experts(
             flat, self.w13, self.w2, routing.topk_weights, routing.topk_ids,
             gating=self.gating.mode, capacity_fraction=self.gating.capacity_fraction,
@@ -276,6 +304,7 @@ class Transformer(nn.Module):
         # leader broadcasts them so that every rank replays the same steps (parallel.Lockstep).
         self.step_hook = None
         self.setup_hook = None
+        self.expert_buffering = None  # expert_cache.ExpertBuffering once experts are buffered (issue 5)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -320,17 +349,33 @@ class Transformer(nn.Module):
     def dropped_slots(self) -> torch.Tensor:
         return torch.stack([moe.dropped_slots for moe in self.moe_blocks]).sum()
 
+    def force_routing(self, trace) -> None:
+        """Route by a recorded trace (traces.Trace) instead of the routers, so benchmarks of any width run
+        real routing (issue 5): MoE layer l replays trace layer l mod the trace's layers, one trace token
+        per routed token, wrapping at its end. None gives the routers back."""
+        if trace is not None and any(moe.parallel is not None for moe in self.moe_blocks):
+            raise ConfigError("forced routing is not supported under expert parallelism")
+        device = self.output.weight.device
+        for moe in self.moe_blocks:
+            moe.forced_routing = None if trace is None else ForcedRouting.from_trace(
+                trace, moe.layer_index, self.args.num_experts, self.args.top_k, device)
+
+    def expert_cache_stats(self, settle: bool = True):
+        """expert_cache.ExpertCacheStats of the buffered experts, None when every expert is resident."""
+        return None if self.expert_buffering is None else self.expert_buffering.stats(settle)
+
     def forward(
         self,
         tokens: torch.Tensor,
         input_pos: torch.Tensor,
         slots: torch.Tensor | None = None,
         kv_len: int | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """tokens [B, S] at positions input_pos [B, S] of cache rows `slots` [B] (None: rows 0..B-1).
 
         kv_len bounds the cache positions attended (callers know it on the host: max position + 1).
-        Returns logits [B, S, V] in the model dtype.
+        Returns logits [B, S, V] in the model dtype ([B, 1, V], the last position's, with last_only).
         """
         kv_len = kv_len or self.max_cache_len
         if self.step_hook is not None:
@@ -344,4 +389,6 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos, slots, kv_len)
+        if last_only:  # prefill samples from the last position only: skip the output head elsewhere
+            x = x[:, -1:]
         return self.output(self.norm(x))

@@ -19,7 +19,15 @@ import torch
 
 from moe_runtime.config import ServingConfig
 from moe_runtime.errors import CapacityExceeded, InvalidRequest, ModelNotReady
-from moe_runtime.generate import SamplingParams, decode_step, make_generator, prefill, sample, validate_prompt
+from moe_runtime.generate import (
+    DecodeOutput,
+    SamplingParams,
+    decode,
+    make_generator,
+    next_tokens,
+    prefill,
+    validate_prompt,
+)
 from moe_runtime.model import Transformer
 
 
@@ -68,10 +76,12 @@ class Engine:
         on_idle: Callable[[], None] | None = None,
         on_error: Callable[[Exception], None] | None = None,
         idle_seconds: float = 1.0,
+        cuda_graphs: bool = True,
     ):
         """on_step: after every step (metrics). on_idle: every `idle_seconds` without work (the
-        expert-parallel heartbeat). on_error: a step failed (default: fail the requests in flight)."""
-        self.model, self.serving = model, serving
+        expert-parallel heartbeat). on_error: a step failed (default: fail the requests in flight).
+        cuda_graphs: decode steps replay captured CUDA graphs where they apply (generate.decode)."""
+        self.model, self.serving, self.cuda_graphs = model, serving, cuda_graphs
         self._on_idle, self._on_error, self._idle_seconds = on_idle, on_error, idle_seconds
         self._tasks: deque[tuple[Callable[[], object], Future]] = deque()
         self.max_seq_len = min(serving.max_seq_len, model.args.max_seq_len)
@@ -229,20 +239,19 @@ class Engine:
             req.slot = self._free_slots.pop(0)
             self._running.append(req)
             logits = prefill(self.model, req.prompt_ids, req.slot)
-            self._emit([req], logits[None])
+            self._emit([req], DecodeOutput(logits[None]))
             budget -= len(req.prompt_ids)
             admitted.append(req)
         return admitted
 
     def _decode(self, batch: list[Request]) -> None:
-        tokens = torch.tensor([r.output_ids[-1] for r in batch], device=self.device)
-        logits = decode_step(self.model, tokens, [r.position for r in batch], [r.slot for r in batch])
-        self._emit(batch, logits)
+        out = decode(self.model, [r.output_ids[-1] for r in batch], [r.position for r in batch],
+                     [r.slot for r in batch], cuda_graphs=self.cuda_graphs)
+        self._emit(batch, out)
 
-    def _emit(self, batch: list[Request], logits: torch.Tensor) -> None:
-        temp = torch.tensor([r.params.temperature for r in batch], device=self.device)
-        top_p = torch.tensor([r.params.top_p for r in batch], device=self.device)
-        ids = sample(logits, temp, top_p, [r._generator for r in batch]).tolist()
+    def _emit(self, batch: list[Request], out: DecodeOutput) -> None:
+        ids = next_tokens(out, [r.params.temperature for r in batch], [r.params.top_p for r in batch],
+                          [r._generator for r in batch]).tolist()
         now = time.monotonic()
         for req, tok in zip(batch, ids):
             req.output_ids.append(tok)

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,8 @@ from moe_runtime.api.v1 import generation_pb2 as gen_pb
 from moe_runtime.api.v1 import generation_pb2_grpc as gen_grpc
 from moe_runtime.config import RuntimeConfig
 from moe_runtime.control import ExpertController, StalePlacement
-from moe_runtime.errors import CapacityExceeded, InvalidRequest, ModelNotReady
+from moe_runtime.errors import CapacityExceeded, ConfigError, InvalidRequest, ModelNotReady
+from moe_runtime.expert_cache import enable_expert_buffering
 from moe_runtime.generate import SamplingParams
 from moe_runtime.metrics import RuntimeMetrics
 from moe_runtime.model import Transformer
@@ -40,6 +42,7 @@ from moe_runtime.parallel import ExpertParallel, Lockstep, ParallelConfig, init_
 from moe_runtime.placement import Placement, PlacementError, round_robin
 from moe_runtime.scheduler import Engine, Request, TokenEvent
 from moe_runtime.tokenizer import Tokenizer, load_tokenizer
+from moe_runtime.trace_recorder import TraceRecorder
 from moe_runtime.weights import load_model
 
 _CODES = {
@@ -91,6 +94,48 @@ class Serving:
         return self.tokenizer.encode(text)
 
 
+class _Mailbox:
+    """Engine thread -> event loop: one wake-up per batch of events, not one per token and stream.
+
+    Each call_soon_threadsafe writes the loop's self-pipe; at 32+ streams those wake-ups cost more than
+    the tokens, so the engine's events of one step are handed over together."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self._lock = loop, threading.Lock()
+        self._items: list[tuple[asyncio.Queue, TokenEvent]] = []
+
+    def post(self, queue: asyncio.Queue, event: TokenEvent) -> None:
+        with self._lock:
+            self._items.append((queue, event))
+            first = len(self._items) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    if loop not in _MAILBOXES:
+        _MAILBOXES[loop] = _Mailbox(loop)
+    return _MAILBOXES[loop]
+
+
+def _merge(first: TokenEvent, queue: asyncio.Queue) -> TokenEvent:
+    """The event and whatever else already waits: one message for several tokens when the client lags."""
+    tokens, event = list(first.token_ids), first
+    while event.finish_reason is None and event.error is None and not queue.empty():
+        event = queue.get_nowait()
+        tokens += event.token_ids
+    return TokenEvent(tokens, event.finish_reason, event.error)
+
+
 class _Stream:
     """One submitted request as an async iterator of TokenEvents (engine thread -> event loop)."""
 
@@ -98,6 +143,7 @@ class _Stream:
                  context: grpc.aio.ServicerContext, request_id: str = ""):
         serving.require_ready()
         self.loop = asyncio.get_running_loop()
+        _mailbox(self.loop)  # created on the loop's thread, before the engine can post to it
         self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
@@ -107,13 +153,13 @@ class _Stream:
         serving.metrics.prompt_tokens.inc(len(prompt_ids))
 
     def _sink(self, event: TokenEvent) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        _mailbox(self.loop).post(self.queue, event)
 
     async def events(self):
         last = None
         try:
             while True:
-                event = await self.queue.get()
+                event = _merge(await self.queue.get(), self.queue)
                 if event.error is not None:
                     raise event.error
                 if event.token_ids:
@@ -351,6 +397,7 @@ class RuntimeServer:
                  parallel: ParallelConfig | None = None):
         self.config, self._model, self.parallel = config, model, parallel
         self._lockstep: Lockstep | None = None
+        self._recorder: TraceRecorder | None = None
         self.serving = Serving(config.served_model_name, RuntimeMetrics(), health_aio.HealthServicer())
         self.grpc_port = self.admin_port = self.metrics_port = 0
         self._draining = False
@@ -373,6 +420,7 @@ class RuntimeServer:
         model = self._model or load_model(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype),
                                           gating=cfg.gating, seed=cfg.seed)
         args = model.args
+        self._buffer_and_record(model)
         world = self.parallel.world_size if self.parallel else 1
         placement = initial_placement(cfg, args, world)
         if self.parallel is None:
@@ -403,9 +451,21 @@ class RuntimeServer:
         with engine.lock:
             engine.model.reset_counters()
 
+    def _buffer_and_record(self, model: Transformer) -> None:
+        """Expert buffering and the routing trace (issue 5), both set up before the first step."""
+        cfg = self.config
+        if self.parallel is not None and (cfg.expert_buffering.enabled or cfg.record_trace):
+            raise ConfigError("expert_buffering and record_trace are not supported with expert parallelism yet")
+        enable_expert_buffering(model, cfg.expert_buffering)
+        self._recorder = TraceRecorder(model) if cfg.record_trace else None
+
     def _observe_step(self, engine: Engine) -> None:
         self.serving.metrics.queue_depth.set(engine.queue_depth())
         self.serving.metrics.running.set(engine.running())
+        stats = engine.model.expert_cache_stats(settle=False)
+        if stats is not None:
+            self.serving.metrics.observe_expert_cache(stats.total_hits, stats.total_misses, stats.copied_bytes,
+                                                      stats.stall_seconds)
 
     async def _set_health(self, status) -> None:
         for name in ("", *SERVICES):
@@ -432,6 +492,8 @@ class RuntimeServer:
             if self._lockstep is not None:  # followers leave their loop and exit 0
                 engine.call_soon(self._lockstep.shutdown).result(timeout=30)
             engine.shutdown()
+        if self._recorder is not None:
+            self._recorder.save(self.config.record_trace)
 
 
 def initial_placement(cfg: RuntimeConfig, args, world: int) -> Placement:

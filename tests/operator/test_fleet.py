@@ -20,7 +20,7 @@ from moe_operator.__main__ import running
 from moe_operator.config import OperatorConfig
 from moe_operator.emulator import running_cluster
 from moe_operator.emulator.fleet import Fleet
-from moe_operator.pods import expert_load, placement
+from moe_operator.pods import PodUnreachable, expert_load, placement
 from moe_runtime.placement import expert_load_from_slots, imbalance, rank_loads
 from moe_runtime.testing import SkewedLoad, heldout_prompts
 
@@ -57,6 +57,15 @@ def _window_imbalance(admin: str, seconds: float) -> tuple[float, np.ndarray, ob
     delta = (last.counts - first.counts)  # [W, L, S]
     slots = delta.transpose(1, 0, 2).reshape(delta.shape[1], -1)  # [L, P]
     return imbalance(delta.sum(axis=2).T), slots, last.placement_version
+
+
+def _serving_placement(admin: str, version: int):
+    """The leader's placement once it is at least `version`; None while it restarts or is older."""
+    try:
+        live = placement(admin, timeout=5)
+    except PodUnreachable:
+        return None
+    return live if live.version >= version else None
 
 
 def _wait(predicate, timeout: float, what: str):
@@ -132,3 +141,28 @@ def test_a_dead_rank_restarts_its_whole_group(tmp_path):
                   "the group to serve again")
             events = _get(cluster.url, "/api/v1/namespaces/default/events").get("items", [])
     assert "GroupRestarted" in {e.get("reason") for e in events}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_rollout_mode_restarts_groups_onto_the_new_placement(tmp_path):
+    """Rollout: the new placement goes into the pod template; groups restart within maxUnavailable and
+    load it from the placement ConfigMap."""
+    with running_cluster(tmp_path / "kubeconfig") as cluster:
+        _post(cluster.url, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD.read_text()))
+        config = OperatorConfig(kubeconfig=str(cluster.kubeconfig), load_poll_seconds=1.0, rpc_timeout_seconds=15.0)
+        deployment = yaml.safe_load(MANIFEST.read_text())
+        deployment["spec"]["rebalancing"]["mode"] = "Rollout"
+        fleet = Fleet(cluster.url, "default", tmp_path / "fleet", str(ROOT / "runtime"),
+                      volumes={"models": str(MODEL.parent)})
+        with fleet, running(config, ["default"]):
+            _post(cluster.url, "/apis/serving.moefleet.dev/v1alpha1/namespaces/default/moedeployments", deployment)
+            path = "/apis/serving.moefleet.dev/v1alpha1/namespaces/default/moedeployments/demo"
+            _wait(lambda: (_get(cluster.url, path).get("status") or {}).get("readyReplicas") == 1, 120, "group ready")
+            with SkewedLoad(f"{fleet.pod_ip('demo-g0-0')}:8001", heldout_prompts(MODEL, count=6)):
+                _wait(lambda: (_get(cluster.url, path).get("status") or {}).get("placement", {}).get(
+                    "currentVersion", 0) >= 1, 120, "a new placement revision")
+            # The group restarts (new pods) and its leader loads the new revision from the ConfigMap.
+            live = _wait(lambda: (ip := fleet.pod_ip("demo-g0-0")) and _serving_placement(f"{ip}:8003", 1), 180,
+                         "the restarted leader on the new placement")
+    assert live.version >= 1
