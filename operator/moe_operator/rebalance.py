@@ -64,6 +64,19 @@ class LoadWindow:
     def clear(self) -> None:
         self._snaps.clear()
 
+    def interval_slot_loads(self) -> list[np.ndarray]:
+        """Per poll interval, slot counts [L, P] summed over groups (aligned by interval index)."""
+        intervals: list[np.ndarray] = []
+        for snaps in self._snaps.values():
+            for i, (a, b) in enumerate(zip(snaps, list(snaps)[1:])):
+                delta = b.counts - a.counts  # [W, L, S]
+                slot = delta.transpose(1, 0, 2).reshape(delta.shape[1], -1)
+                if i < len(intervals):
+                    intervals[i] = intervals[i] + slot
+                else:
+                    intervals.append(slot)
+        return intervals
+
     def window(self, window_seconds: float) -> tuple[np.ndarray, float, list[float]] | None:
         """(slot counts [L, P] summed over groups, seconds covered, per-interval imbalances), or None when
         no group has `window_seconds` of history yet."""
@@ -98,9 +111,24 @@ def decide(window: LoadWindow, current: Placement, num_experts: int, policy: Pol
         return Decision(measured, reason="cooling down after the last change")
     expert_load = expert_load_from_slots(current, slot_load, num_experts)  # [L, E]
     slots_per_rank = -(-num_experts // current.num_ranks) + policy.redundant_slots
+    corr = coactivation(window, current, num_experts) if policy.planner == "anti_correlation" else None
     new = plan_placement(policy.planner, expert_load, current.num_ranks, slots_per_rank,
-                         version=current.version + 1)
+                         version=current.version + 1, coactivation=corr)
     predicted = imbalance(rank_loads(new, expert_load))
     if predicted > measured * (1 - MIN_GAIN):
         return Decision(measured, reason=f"planner predicts no real gain ({predicted:.3f} vs {measured:.3f})")
     return Decision(measured, new, predicted, reason=f"imbalance {measured:.3f} > {policy.threshold}")
+
+
+def coactivation(window: LoadWindow, current: Placement, num_experts: int) -> np.ndarray:
+    """[L, E, E] Pearson correlation of per-interval expert loads: the paper's co-activation with each
+    poll interval as a batch (the runtime exports counters, not per-token routing)."""
+    per_interval = np.stack([expert_load_from_slots(current, s, num_experts)
+                             for s in window.interval_slot_loads()])  # [B, L, E]
+    centred = per_interval - per_interval.mean(axis=0)
+    cov = np.einsum("ble,blf->lef", centred, centred)
+    std = np.sqrt(np.einsum("lee->le", cov))
+    denom = std[:, :, None] * std[:, None, :]
+    corr = np.divide(cov, denom, out=np.zeros_like(cov), where=denom > 0)
+    corr[:, np.arange(num_experts), np.arange(num_experts)] = 1.0
+    return corr

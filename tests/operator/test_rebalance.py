@@ -60,3 +60,9 @@ def test_a_window_never_spans_a_placement_change():
     w.add("g0", moved)
     d = decide(w, CURRENT.with_version(1), 8, POLICY, now=12.0, last_change=None)
     assert d.imbalance is None
+
+
+def test_anti_correlation_plans_from_interval_coactivation():
+    policy = Policy(threshold=1.2, window_seconds=10, cooldown_seconds=30, planner="anti_correlation")
+    d = decide(_window(_snapshots(SKEWED, 6)), CURRENT, 8, policy, now=12.0, last_change=None)
+    assert d.placement is not None and d.predicted < d.imbalance

@@ -60,7 +60,7 @@ def _stop(group) -> None:
 def test_group_serves_the_single_process_tokens_through_a_live_replacement():
     group = _start_group(2)
     try:
-        (leader, info), (_, follower_info) = group
+        (_, info), (_, follower_info) = group
         assert info["event"] == "serving" and follower_info["event"] == "following"
         prompt = [5, 6, 7, 8]
         expected = generate(load_model("tiny"), [prompt], SamplingParams(max_new_tokens=60, ignore_eos=True))
