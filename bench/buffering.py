@@ -45,7 +45,7 @@ BATCHES = (1, 8)
 def main() -> None:
     opts = _parse_args()
     cfg = QUICK if opts.quick else FULL
-    dev = torch.device("cpu" if opts.quick or not torch.cuda.is_available() else "cuda")
+    dev = torch.device("cpu") if opts.quick or not torch.cuda.is_available() else torch.device("cuda", 0)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     args = (ModelArgs.from_name("tiny") if opts.quick else ModelArgs.from_name("mixtral-8x7b")).with_(
         num_layers=cfg["layers"], max_seq_len=512)
@@ -68,8 +68,12 @@ def main() -> None:
                         for name, t in traces.items()}
     del model, buffering
     _free_memory()
-    report["over_capacity"] = (_over_capacity(dev, cfg, opts.over_capacity_layers)
-                               if cfg["over_capacity_tokens"] and opts.over_capacity_layers else {"skipped": "quick"})
+    try:  # the sweeps above are the main result: a failure here must not lose them
+        report["over_capacity"] = (_over_capacity(dev, cfg, opts.over_capacity_layers)
+                                   if cfg["over_capacity_tokens"] and opts.over_capacity_layers
+                                   else {"skipped": "quick"})
+    except (RuntimeError, ValueError) as exc:
+        report["over_capacity"] = {"error": repr(exc)}
     report["targets"] = _targets(report, args)
     report["seconds"] = round(time.monotonic() - t0, 1)
     _write(Path(opts.out), report)
