@@ -53,6 +53,14 @@ def status(url: str) -> dict:
         return json.loads(resp.read()).get("status") or {}
 
 
+def events(url: str) -> list[dict]:
+    """The operator's events about the MoEDeployment, oldest first."""
+    with urllib.request.urlopen(url + "/api/v1/namespaces/default/events", timeout=10) as resp:
+        items = json.loads(resp.read()).get("items", [])
+    mine = [e for e in items if (e.get("involvedObject") or {}).get("kind") == "MoEDeployment"]
+    return sorted(mine, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+
+
 def wait(predicate, timeout: float, what: str):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -102,7 +110,8 @@ def loop(work: Path) -> None:
                     print(f"  imbalance over the last 2 s: {window(admin, 2.0):.2f} (max/mean token-slots "
                           f"per rank; 1.00 is balanced)", flush=True)
                 banner("the operator re-placed experts in place (ApplyPlacement, no restart)")
-                print(kubectl(env, "get", "events", "--field-selector", "involvedObject.kind=MoEDeployment"))
+                for event in events(cluster.url):
+                    print(f"  event {event.get('type', '')}/{event.get('reason', '')}: {event.get('message', '')}")
                 show_placement("placement after", placement(admin))
                 for _ in range(3):
                     print(f"  imbalance over the last 2 s: {window(admin, 2.0):.2f}", flush=True)
