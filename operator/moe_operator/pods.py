@@ -80,14 +80,12 @@ def expert_load(admin_address: str, timeout: float = 5.0) -> LoadSnapshot:
 def placement(admin_address: str, timeout: float = 5.0) -> Placement:
     msg = _call(admin_address, lambda ch, t: ec_grpc.ExpertControlStub(ch).GetPlacement(
         ec_pb.GetPlacementRequest(), timeout=t), timeout)
-    return Placement(msg.version, msg.num_ranks, msg.slots_per_rank, tuple(tuple(x.experts) for x in msg.layers))
+    return Placement.from_proto(msg)
 
 
 def apply_placement(admin_address: str, new: Placement, timeout: float = 120.0) -> tuple[bool, int]:
     """(unchanged, bytes copied). Raises PlacementRejected for a refused placement."""
-    req = ec_pb.ApplyPlacementRequest(placement=ec_pb.Placement(
-        version=new.version, num_ranks=new.num_ranks, slots_per_rank=new.slots_per_rank,
-        layers=[ec_pb.LayerSlots(experts=list(layer)) for layer in new.slots]))
+    req = ec_pb.ApplyPlacementRequest(placement=new.to_proto())
     resp = _call(admin_address, lambda ch, t: ec_grpc.ExpertControlStub(ch).ApplyPlacement(req, timeout=t),
                  timeout)
     return resp.unchanged, resp.copied_bytes

@@ -358,6 +358,9 @@ def to_runtime_config(spec: DeploymentSpec) -> dict[str, Any]:
         "dtype": spec.dtype,
         "seed": 0,  # presets: every rank must draw the same random weights
         "gating": {"mode": spec.gating.mode, "capacity_fraction": float(spec.gating.capacity_fraction)},
+        # Issue 9's adaptive routing and pruning stay off in the fleet: not in the CRD, and the runtime
+        # refuses them under expert parallelism.
+        "routing": {"adaptive_top_p": None, "prune_keep": None, "prune_trace": None},
         "expert_buffering": dataclasses.asdict(buffering),
         "placement_file": PLACEMENT_FILE,
         "record_trace": None,

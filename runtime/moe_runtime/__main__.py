@@ -36,6 +36,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--adaptive-top-p", type=float, metavar="P",
+                   help="per token, the fewest top-k experts whose router mass reaches P (AdaMoE spirit)")
+    p.add_argument("--prune-experts", type=int, metavar="N", help="route among the N experts per layer "
+                   "that --prune-trace uses most (DeepSpeed multitask MoE pruning)")
+    p.add_argument("--prune-trace", metavar="FILE", help="routing trace (.npz) that ranks experts for pruning")
+    p.add_argument("--contrast-alpha", type=float, default=0.0, metavar="A",
+                   help="SCMoE self-contrast strength against a rank-2-expert routing (0 = off)")
     _add_buffering_arguments(p)
     p.add_argument("--no-prefetch", action="store_true", help="expert buffering without layer-ahead prefetch")
     p.add_argument("--record-trace", metavar="FILE", help="write the routing trace (.npz) here at the end")
@@ -70,27 +77,33 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _generate_model(args: argparse.Namespace):
-    """(model, trace recorder or None) for `generate`: experts buffered and routing recorded as asked."""
+    """(model, trace recorder or None, pruning report or None) for `generate`: routing options set,
+    experts buffered and routing recorded as asked."""
     import torch
 
-    from moe_runtime.config import ExpertBufferingConfig, GatingConfig
+    from moe_runtime.config import ExpertBufferingConfig, GatingConfig, RoutingConfig
     from moe_runtime.expert_cache import enable_expert_buffering
+    from moe_runtime.routing_policy import apply_routing_policy
     from moe_runtime.trace_recorder import TraceRecorder
     from moe_runtime.weights import load_model
 
     gating = GatingConfig(args.gating, args.capacity_fraction)
+    routing = RoutingConfig(args.adaptive_top_p, args.prune_experts, args.prune_trace)
+    if args.record_trace and (routing.adaptive_top_p or 1.0) < 1.0:
+        raise ConfigError("--record-trace with --adaptive-top-p below 1 is not supported (dropped slots)")
     model = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype), gating=gating,
                        seed=args.seed_weights)
+    pruning = apply_routing_policy(model, routing)  # issue 9: None unless pruned
     buffering = ExpertBufferingConfig(**({"prefetch": not args.no_prefetch} | _buffering_overrides(args)))
     enable_expert_buffering(model, buffering)
-    return model, TraceRecorder(model) if args.record_trace else None
+    return model, TraceRecorder(model) if args.record_trace else None, pruning
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from moe_runtime.generate import SamplingParams, generate
     from moe_runtime.tokenizer import load_tokenizer
 
-    model, recorder = _generate_model(args)
+    model, recorder, pruning = _generate_model(args)
     ckpt = Path(args.model) if Path(args.model).is_dir() else None
     tokenizer = load_tokenizer(ckpt, model.args.vocab_size)
     if args.prompt is not None:
@@ -100,7 +113,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         prompt_ids = _parse_ids(args.prompt_ids)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed)
+                            top_p=args.top_p, seed=args.seed, contrast_alpha=args.contrast_alpha)
     (completion,) = generate(model, [prompt_ids], params)
     if recorder is not None:
         recorder.save(args.record_trace)
@@ -113,6 +126,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             out["text"] = text
         if model.expert_buffering is not None:
             out["expert_cache"] = model.expert_cache_stats().to_dict()
+        if pruning is not None:
+            out["pruning"] = pruning.to_dict()
         print(json.dumps(out))
     else:
         print(text if text is not None else " ".join(map(str, completion.output_ids)))
@@ -132,6 +147,8 @@ _SERVE_FLAGS = {
     "max_batch_tokens": ("serving", "max_batch_tokens", int), "max_queue": ("serving", "max_queue", int),
     "max_tokens_limit": ("serving", "max_tokens_limit", int), "max_seq_len": ("serving", "max_seq_len", int),
     "drain_grace_seconds": ("serving", "drain_grace_seconds", float),
+    "adaptive_top_p": ("routing", "adaptive_top_p", float), "prune_experts": ("routing", "prune_keep", int),
+    "prune_trace": ("routing", "prune_trace", str),
 }
 
 

@@ -88,15 +88,13 @@ def _expert_load(channel, args) -> int:
 
 def _placement(channel, args) -> int:
     msg = ec_grpc.ExpertControlStub(channel).GetPlacement(ec_pb.GetPlacementRequest(), timeout=args.timeout)
-    print(_from_proto(msg).to_json(), end="")
+    print(Placement.from_proto(msg).to_json(), end="")
     return 0
 
 
 def _apply_placement(channel, args) -> int:
     p = Placement.from_json(Path(args.file).read_text())
-    req = ec_pb.ApplyPlacementRequest(placement=ec_pb.Placement(
-        version=p.version, num_ranks=p.num_ranks, slots_per_rank=p.slots_per_rank,
-        layers=[ec_pb.LayerSlots(experts=list(row)) for row in p.slots]))
+    req = ec_pb.ApplyPlacementRequest(placement=p.to_proto())
     resp = ec_grpc.ExpertControlStub(channel).ApplyPlacement(req, timeout=args.timeout)
     print(json.dumps({"version": resp.version, "unchanged": resp.unchanged, "copied_bytes": resp.copied_bytes}))
     return 0
@@ -108,12 +106,6 @@ def _drain(channel, args) -> int:
     resp = ec_grpc.ExpertControlStub(channel).Drain(req, timeout=args.wait + 5)
     print(json.dumps({"drained": resp.drained, "in_flight": resp.in_flight}))
     return 0 if resp.drained else 1
-
-
-def _from_proto(msg) -> Placement:
-    return Placement.from_dict({"version": msg.version, "num_ranks": msg.num_ranks,
-                                "slots_per_rank": msg.slots_per_rank,
-                                "slots": [list(layer.experts) for layer in msg.layers]})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,6 +43,33 @@ class GatingConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """Issue 9's routing techniques, each off by default (README "Seed techniques").
+
+    adaptive_top_p: token-adaptive routing (AdaMoE spirit), dimensionless in (0, 1]: per token keep the
+        fewest of its top-k experts whose router probability mass reaches it (None or 1.0: plain top-k).
+    prune_keep: expert pruning (DeepSpeed multitask MoE), a count: route only among the prune_keep
+        experts per layer that `prune_trace` (a routing trace .npz) uses most. None: every expert.
+    """
+
+    adaptive_top_p: float | None = None
+    prune_keep: int | None = None
+    prune_trace: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.adaptive_top_p is not None and not 0.0 < self.adaptive_top_p <= 1.0:
+            raise ConfigError(f"routing.adaptive_top_p must be in (0, 1], got {self.adaptive_top_p}")
+        if self.prune_keep is not None and self.prune_keep < 1:
+            raise ConfigError(f"routing.prune_keep must be >= 1, got {self.prune_keep}")
+        if (self.prune_keep is None) != (self.prune_trace is None):
+            raise ConfigError("routing: prune_keep and prune_trace go together (set both or neither)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.adaptive_top_p is not None or self.prune_keep is not None
+
+
+@dataclass(frozen=True)
 class ExpertBufferingConfig:
     """Only hot experts on the GPU, the rest in pinned host memory (buffering issue).
 
@@ -117,6 +144,7 @@ class RuntimeConfig:
     directory's base name or the preset's name). device: cpu | cuda | cuda:N. dtype: float32 |
     bfloat16 | float16. placement_file: initial expert placement JSON (default round-robin).
     record_trace: write the routing trace (.npz) here on shutdown. seed: random-init seed for presets.
+    routing: issue 9's adaptive top-p and expert pruning (RoutingConfig), off by default.
     """
 
     model: str = "tiny"
@@ -125,6 +153,7 @@ class RuntimeConfig:
     dtype: str = "float32"
     seed: int = 0
     gating: GatingConfig = field(default_factory=GatingConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     expert_buffering: ExpertBufferingConfig = field(default_factory=ExpertBufferingConfig)
     placement_file: str | None = None
     record_trace: str | None = None
@@ -133,6 +162,8 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.record_trace and (self.routing.adaptive_top_p or 1.0) < 1.0:
+            raise ConfigError("record_trace with routing.adaptive_top_p < 1 is not supported (dropped slots)")
 
     @property
     def served_model_name(self) -> str:

@@ -199,8 +199,9 @@ def _memory(model: Transformer) -> tuple[int, ...]:
 def _capturable(model: Transformer) -> bool:
     """Only the default path is captured. Expert parallelism (collectives on the leader's schedule),
     static gating (capacity would count padding), forced routing (a trace read step by step), a routing
-    observer (it keeps each step's routing) and expert buffering (host-driven copies) all run eager."""
-    host_driven = ("parallel", "forced_routing", "observer", "expert_cache")
+    observer (it keeps each step's routing), expert buffering (host-driven copies) and issue 9's route
+    options (the padding correction recounts plain top-k) all run eager."""
+    host_driven = ("parallel", "forced_routing", "observer", "expert_cache", "route_options")
     return (
         model.output.weight.device.type == "cuda"
         and model.max_batch > 0

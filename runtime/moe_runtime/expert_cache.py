@@ -181,7 +181,7 @@ class ExpertCache:
         order = torch.argsort(routing.topk_ids.reshape(-1), stable=True)  # [T*K] grouped by expert
         token_of_row = order // routing.topk_ids.shape[1]  # [T*K]
         xs = x[token_of_row]  # [T*K, H]
-        ys = torch.empty_like(xs)  # [T*K, H]
+        ys = torch.zeros_like(xs)  # [T*K, H]; zeros: dropped slots (id E, adaptive top-p) run no expert
         ends = list(itertools.accumulate(counts))
         rows = {e: (ends[e] - counts[e], ends[e]) for e in needed}
 
@@ -259,8 +259,11 @@ def _prefetch_hook(cache: ExpertCache, block, top_k: int):
         if cache.forced_prediction is not None:
             predicted = forced_route(cache.forced_prediction, flat.shape[0], len(cache.masters)).topk_ids
         else:
-            logits = block.moe.router(block.ffn_norm(flat))  # [T, E]
-            predicted = torch.topk(logits.float(), top_k, dim=-1).indices  # [T, K], route()'s top-k ids
+            logits = block.moe.router(block.ffn_norm(flat)).float()  # [T, E]
+            options = block.moe.route_options
+            if options is not None and options.expert_mask is not None:  # pruned experts (issue 9) never run
+                logits = logits.masked_fill(~options.expert_mask, float("-inf"))
+            predicted = torch.topk(logits, top_k, dim=-1).indices  # [T, K], route()'s top-k ids
         # Host sync: the pool plans on the host. Rank-major (every token's first choice, then every
         # token's second, ...), the order cache-sim replays a step's predictions in.
         cache.prefetch(predicted.t().reshape(-1).tolist())

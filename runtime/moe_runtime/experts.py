@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 # T tokens, E experts, K top-k, H hidden, F ffn; S = T*K token-slots, C capacity (static gating only).
+# A slot with id E is dropped (gating's adaptive top-p, issue 9): weight 0, never dispatched nor counted.
 # Weights are in nn.Linear layout: w13 [E, 2F, H] = cat(w1, w3) along dim 1 (HF gate_up_proj), w2 [E, H, F].
 
 DECODE_MAX_SLOTS: int = 16  # T*K at or below this uses experts_decode on the dynamic path
@@ -58,7 +59,9 @@ def experts_dynamic(x, w13, w2, topk_weights, topk_ids, expert_counts=None) -> t
         ys = _ffn_grouped(xs, w13, w2, expert_counts)  # [S, H]
     else:
         ys = _ffn_per_expert(xs, w13, w2, expert_counts)  # [S, H]
-    ys = ys * topk_weights.reshape(-1)[order, None].to(x.dtype)  # [S, H]
+    # Dropped slots (id E) sort after every expert's rows, where no FFN ran: their rows hold garbage.
+    ran = flat_ids[order, None] < num_experts  # [S, 1]
+    ys = torch.where(ran, ys * topk_weights.reshape(-1)[order, None].to(x.dtype), 0)  # [S, H]
     return torch.zeros_like(x).index_add_(0, token_of_row, ys)  # [T, H]
 
 
@@ -156,9 +159,10 @@ def _ffn(rows: torch.Tensor, w13_e: torch.Tensor, w2_e: torch.Tensor) -> torch.T
 
 
 def _count_slots(flat_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[S] -> [E] int32 by a scatter-add of ones (torch.bincount would sync the host on CUDA)."""
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat_ids.device)
-    return counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
+    """[S] -> [E] int32 by a scatter-add of ones (torch.bincount would sync the host on CUDA); dropped
+    slots (id E) land in a spare last bin that is cut off."""
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat_ids.device)
+    return counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))[:num_experts]
 
 
 def _grouped_mm_usable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
@@ -208,7 +212,8 @@ def _ffn_per_expert(xs, w13, w2, expert_counts) -> torch.Tensor:
 def _decode_gathered(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
     """One weight copy per token-slot, then bmm: reads only the chosen experts (gpt-fast's decode)."""
     num_tokens, top_k = topk_ids.shape
-    flat_ids = topk_ids.reshape(-1)  # [S]
+    # A dropped slot (id E) borrows the last expert and keeps its weight 0: static shapes, one wasted slot.
+    flat_ids = topk_ids.reshape(-1).clamp(max=w13.shape[0] - 1)  # [S]
     xs = x.unsqueeze(1).expand(-1, top_k, -1).reshape(num_tokens * top_k, -1)  # [S, H] row s is token s // K
     w13_s = w13[flat_ids].to(x.dtype)  # [S, 2F, H]
     w2_s = w2[flat_ids].to(x.dtype)  # [S, H, F]
@@ -226,15 +231,16 @@ def _decode_all_experts(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
     h = F.linear(x, w13.reshape(num_experts * two_ffn, hidden))  # [T, E*2F]
     a = _silu_mul(h.view(-1, num_experts, two_ffn)).transpose(0, 1)  # [E, T, F]
     y = torch.bmm(a, w2.transpose(1, 2))  # [E, T, H]
-    dense_weights = torch.zeros(x.shape[0], num_experts, dtype=x.dtype, device=x.device)  # [T, E]
-    dense_weights.scatter_add_(1, topk_ids, topk_weights.to(x.dtype))
-    return torch.einsum("te,eth->th", dense_weights, y)  # [T, H]
+    dense_weights = torch.zeros(x.shape[0], num_experts + 1, dtype=x.dtype, device=x.device)  # [T, E+1]
+    dense_weights.scatter_add_(1, topk_ids, topk_weights.to(x.dtype))  # column E collects dropped slots
+    return torch.einsum("te,eth->th", dense_weights[:, :num_experts], y)  # [T, H]
 
 
 def _static_plan(topk_weights, topk_ids, num_experts: int, capacity: int):
     """fairseq top2gating generalised to K slots -> (combine [T, E, C] float32, dispatch [T, E, C] bool,
     dropped token-slots 0-dim int64). Everything stays on the device."""
-    masks = F.one_hot(topk_ids, num_experts).unbind(dim=1)  # K x [T, E] int64
+    # A dropped slot (id E) one-hots into a spare last column that is cut off: it takes no capacity.
+    masks = F.one_hot(topk_ids, num_experts + 1)[..., :num_experts].unbind(dim=1)  # K x [T, E] int64
     queued = torch.zeros(num_experts, dtype=torch.int64, device=topk_ids.device)  # [E]
     kept_masks, locations = [], []
     for mask in masks:
@@ -245,7 +251,7 @@ def _static_plan(topk_weights, topk_ids, num_experts: int, capacity: int):
         kept = mask * (location < capacity)  # [T, E]
         kept_masks.append(kept)
         locations.append((location * kept).sum(dim=1))  # [T]
-    dropped = topk_ids.numel() - torch.stack(kept_masks).sum()  # 0-dim int64
+    dropped = (topk_ids < num_experts).sum() - torch.stack(kept_masks).sum()  # 0-dim int64, capacity drops only
     # Renormalise after dropping (normalize_gate_prob_before_dropping=False): a token that lost every
     # slot gets all-zero weights, hence zero output.
     gates = [topk_weights[:, k].float() * kept.sum(dim=1) for k, kept in enumerate(kept_masks)]  # K x [T]

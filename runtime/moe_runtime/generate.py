@@ -1,16 +1,18 @@
 """Generation: prefill + decode over the static KV cache, greedy and sampling, stop tokens.
 
 Owns `SamplingParams`, request validation, `sample()` (on the device) and the step functions the
-scheduler reuses (`prefill`, `decode`, `next_tokens`). Decode replays a CUDA graph where cuda_graphs.py
-has one and runs eager otherwise. No threads, no sockets: the server drives these.
+scheduler reuses (`prefill`, `decode`, `next_tokens`), with SCMoE contrast (contrast.py) per request.
+Decode replays a CUDA graph where cuda_graphs.py has one, eager otherwise. No threads, no sockets.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
+from moe_runtime.contrast import contrast_logits, unsupported_reason, weak_model
 from moe_runtime.cuda_graphs import decode_graphs
 from moe_runtime.errors import InvalidRequest
 from moe_runtime.model import Transformer
@@ -22,7 +24,8 @@ from moe_runtime.model import Transformer
 class SamplingParams:
     """max_new_tokens: tokens to generate (>= 1). temperature: 0 = greedy (default). top_p: nucleus
     mass in (0, 1]. seed: per-request sampling seed (None: nondeterministic). stop_token_ids: ids that
-    end the sequence (the model's eos is added unless ignore_eos)."""
+    end the sequence (the model's eos is added unless ignore_eos). contrast_alpha: SCMoE self-contrast
+    strength (>= 0; 0, the default, is off): each step's logits are contrasted with a weak routing's."""
 
     max_new_tokens: int = 16
     temperature: float = 0.0
@@ -30,6 +33,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    contrast_alpha: float = 0.0
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -38,6 +42,8 @@ class SamplingParams:
             raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (self.contrast_alpha >= 0.0 and math.isfinite(self.contrast_alpha)):
+            raise InvalidRequest(f"contrast_alpha must be a finite number >= 0, got {self.contrast_alpha}")
 
 
 @dataclass
@@ -59,6 +65,8 @@ def validate_prompt(prompt_ids: list[int], params: SamplingParams, model: Transf
     if len(prompt_ids) + params.max_new_tokens > limit:
         raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_new_tokens}) "
                              f"exceeds the model's context of {limit} tokens")
+    if params.contrast_alpha > 0 and unsupported_reason(model) is not None:
+        raise InvalidRequest(unsupported_reason(model))
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -98,14 +106,21 @@ def sample(
 
 
 @torch.inference_mode()
-def prefill(model: Transformer, prompt_ids: list[int], slot: int) -> torch.Tensor:
-    """Run one prompt through the model into cache row `slot`; logits [V] of its last position."""
+def prefill(model: Transformer, prompt_ids: list[int], slot: int, *, contrast_alpha: float = 0.0) -> torch.Tensor:
+    """Run one prompt through the model into cache row `slot`; logits [V] of its last position.
+
+    contrast_alpha > 0: the weak model (contrast.py) prefills its own cache row too, and the logits are
+    SCMoE's contrasted scores."""
     device = model.output.weight.device
     n = len(prompt_ids)
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     pos = torch.arange(n, device=device)[None]
     slots = None if slot == 0 else torch.tensor([slot], device=device)
-    return model(tokens, pos, slots, kv_len=n, last_only=True)[0, -1]
+    logits = model(tokens, pos, slots, kv_len=n, last_only=True)[0, -1]
+    if contrast_alpha > 0:
+        weak = weak_model(model).forward(model, tokens, pos, slots, kv_len=n, last_only=True)[0, -1]
+        logits = contrast_logits(logits[None], weak[None], contrast_alpha)[0]
+    return logits
 
 
 @dataclass
@@ -123,23 +138,44 @@ class DecodeOutput:
 @torch.inference_mode()
 def decode(
     model: Transformer, tokens: torch.Tensor | list[int], positions: list[int], slots: list[int],
-    *, cuda_graphs: bool = True,
+    *, cuda_graphs: bool = True, contrast_alphas: list[float] | None = None,
 ) -> DecodeOutput:
     """One token per sequence: tokens [B] at `positions` in cache rows `slots`.
 
     cuda_graphs: replay a captured step where cuda_graphs.py has one (CUDA, no expert parallelism,
-    dynamic gating); eager otherwise, and always with False.
+    dynamic gating); eager otherwise, and always with False. contrast_alphas [B]: SCMoE strength per
+    row; rows above 0 get contrasted logits (the weak model decodes them eager, in its own cache rows).
     """
     graphs = decode_graphs(model) if cuda_graphs else None
     replayed = graphs.run(model, tokens, positions, slots) if graphs is not None else None
-    if replayed is not None:
-        return DecodeOutput(*replayed, static=True)
     device = model.output.weight.device
     if not isinstance(tokens, torch.Tensor):
         tokens = torch.tensor(tokens, device=device)
-    pos = torch.tensor(positions, device=device)[:, None]
-    slot_t = None if slots == list(range(len(slots))) else torch.tensor(slots, device=device)
-    return DecodeOutput(model(tokens[:, None], pos, slot_t, kv_len=max(positions) + 1)[:, -1])
+    if replayed is not None:
+        out = DecodeOutput(*replayed, static=True)
+    else:
+        pos = torch.tensor(positions, device=device)[:, None]
+        slot_t = None if slots == list(range(len(slots))) else torch.tensor(slots, device=device)
+        out = DecodeOutput(model(tokens[:, None], pos, slot_t, kv_len=max(positions) + 1)[:, -1])
+    if contrast_alphas is not None and any(a > 0 for a in contrast_alphas):
+        out = _contrasted(model, out, tokens, positions, slots, contrast_alphas)
+    return out
+
+
+def _contrasted(model, out: DecodeOutput, tokens: torch.Tensor, positions, slots, alphas) -> DecodeOutput:
+    """SCMoE on the rows whose alpha is above 0: their weak logits, then contrast_logits (a fresh
+    float32 copy, so a graph's static output is never written)."""
+    rows = [i for i, a in enumerate(alphas) if a > 0]
+    device = out.logits.device
+    index = torch.tensor(rows, device=device)
+    pos = torch.tensor([positions[i] for i in rows], device=device)[:, None]  # [R, 1]
+    slot_t = torch.tensor([slots[i] for i in rows], device=device)  # [R]
+    kv_len = max(positions[i] for i in rows) + 1
+    weak = weak_model(model).forward(model, tokens[index][:, None], pos, slot_t, kv_len=kv_len)[:, -1]  # [R, V]
+    logits = out.logits.to(torch.float32, copy=True)  # [B, V]
+    alpha = torch.tensor([alphas[i] for i in rows], device=device)
+    logits[index] = contrast_logits(logits[index], weak, alpha)
+    return DecodeOutput(logits)
 
 
 def decode_step(model: Transformer, tokens: torch.Tensor | list[int], positions: list[int], slots: list[int],
@@ -183,7 +219,8 @@ def generate(
     done = [Completion(list(p)) for p in prompts]
     gens = [make_generator(None if params.seed is None else params.seed + i, device) if params.temperature > 0
             else None for i in range(len(prompts))]
-    out = DecodeOutput(torch.stack([prefill(model, p, i) for i, p in enumerate(prompts)]))  # logits [B, V]
+    alpha = params.contrast_alpha
+    out = DecodeOutput(torch.stack([prefill(model, p, i, contrast_alpha=alpha) for i, p in enumerate(prompts)]))
     active = list(range(len(prompts)))
     while active:
         n = len(active)
@@ -203,6 +240,6 @@ def generate(
         keep = [active.index(r) for r in still]
         positions = [len(done[r].prompt_ids) + len(done[r].output_ids) - 1 for r in still]
         tokens = next_ids if len(keep) == n else next_ids[torch.tensor(keep, device=device)]
-        out = decode(model, tokens, positions, still, cuda_graphs=cuda_graphs)
+        out = decode(model, tokens, positions, still, cuda_graphs=cuda_graphs, contrast_alphas=[alpha] * len(still))
         active = still
     return done

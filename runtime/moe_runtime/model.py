@@ -1,7 +1,9 @@
 """The Mixtral-architecture decoder: RMSNorm, RoPE, GQA attention over a static KV cache, MoE block.
 
-Owns `ModelArgs` (presets and `from_hf_config`), the modules and the per-expert load counters. Routing
-and expert math live in gating.py / experts.py; weights are loaded by weights.py. No I/O here.
+Owns `ModelArgs` (presets and `from_hf_config`), the modules and the per-expert load counters; the
+Qwen2-MoE / Qwen3-MoE / OLMoE differences (shared expert, q/k norms, biases) are switches of ModelArgs,
+parsed by families.py. Routing and expert math live in gating.py / experts.py; weights are loaded by
+weights.py. No I/O here.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from torch import nn
 from moe_runtime.config import GatingConfig
 from moe_runtime.errors import ConfigError
 from moe_runtime.experts import run_experts
-from moe_runtime.gating import ForcedRouting, forced_route, route
+from moe_runtime.families import hf_config_fields
+from moe_runtime.gating import ForcedRouting, RouteOptions, forced_route, route
 
 # B batch, S new tokens per sequence, T = B*S tokens, L layers, E experts, K top-k,
 # H hidden, F expert ffn, NH query heads, NKV key/value heads, D head dim, V vocab, M cache length
@@ -41,6 +44,14 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
+    # Family switches (families.py reads them from config.json; the defaults are Mixtral's).
+    model_type: str = "mixtral"
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1 (Mixtral)
+    shared_expert_intermediate_size: int = 0  # FS of the gated shared expert on every token; 0: none
+    qkv_bias: bool = False  # bias on the q/k/v projections
+    o_bias: bool = False  # bias on the output projection
+    qk_norm: str | None = None  # RMSNorm of q and k before RoPE: "full" (OLMoE) or "head" (Qwen3-MoE)
+    clip_qkv: float | None = None  # clamp q, k, v to [-clip_qkv, clip_qkv] (OLMoE)
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -49,6 +60,7 @@ class ModelArgs:
             "top_k must be in 1..num_experts": 1 <= self.top_k <= self.num_experts,
             "num_heads must be a multiple of num_kv_heads": self.num_heads % self.num_kv_heads == 0,
             "head_dim must be even (RoPE)": self.head_dim % 2 == 0,
+            "qk_norm must be None, 'full' or 'head'": self.qk_norm in (None, "full", "head"),
         }
         for message, ok in checks.items():
             if not ok:
@@ -62,35 +74,8 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
-        """A transformers `config.json` (MixtralConfig) as ModelArgs; unknown architectures fail."""
-        model_type = config.get("model_type")
-        if model_type != "mixtral":
-            raise ConfigError(f"unsupported model_type {model_type!r}: only 'mixtral' is supported")
-        rope = config.get("rope_parameters") or {}
-        rope_theta = rope.get("rope_theta", config.get("rope_theta", 1e6))
-        if rope.get("rope_type", "default") != "default":
-            raise ConfigError(f"unsupported rope_type {rope.get('rope_type')!r}: only 'default'")
-        try:
-            return cls(
-                vocab_size=config["vocab_size"],
-                hidden_size=config["hidden_size"],
-                intermediate_size=config["intermediate_size"],
-                num_layers=config["num_hidden_layers"],
-                num_heads=config["num_attention_heads"],
-                num_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-                head_dim=config.get("head_dim"),
-                num_experts=config["num_local_experts"],
-                top_k=config["num_experts_per_tok"],
-                rms_norm_eps=config.get("rms_norm_eps", 1e-5),
-                rope_theta=float(rope_theta),
-                max_seq_len=config.get("max_position_embeddings", 32768),
-                sliding_window=config.get("sliding_window"),
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                bos_token_id=config.get("bos_token_id"),
-                eos_token_id=_first(config.get("eos_token_id")),
-            )
-        except KeyError as exc:
-            raise ConfigError(f"config.json lacks required field {exc.args[0]!r}") from exc
+        """A transformers `config.json` of a supported family (families.py) as ModelArgs; others fail."""
+        return cls(**hf_config_fields(config))
 
     def with_(self, **changes: Any) -> ModelArgs:
         return replace(self, **changes)
@@ -103,13 +88,11 @@ class ModelArgs:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _first(value: Any) -> Any:
-    return value[0] if isinstance(value, list) and value else value
-
-
 def _dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
+
+KV_LEN_ALIGN = 64  # cache positions attended are a multiple of this (Transformer.forward)
 
 PRESETS: dict[str, ModelArgs] = {
     # Tiny: CPU tests and the demo. Vocab covers bytes so text prompts work without a tokenizer.
@@ -184,23 +167,40 @@ class Attention(nn.Module):
         super().__init__()
         self.args = args
         nh, nkv, d, h = args.num_heads, args.num_kv_heads, args.head_dim, args.hidden_size
-        self.wq = nn.Linear(h, nh * d, bias=False)
-        self.wk = nn.Linear(h, nkv * d, bias=False)
-        self.wv = nn.Linear(h, nkv * d, bias=False)
-        self.wo = nn.Linear(nh * d, h, bias=False)
+        self.wq = nn.Linear(h, nh * d, bias=args.qkv_bias)
+        self.wk = nn.Linear(h, nkv * d, bias=args.qkv_bias)
+        self.wv = nn.Linear(h, nkv * d, bias=args.qkv_bias)
+        self.wo = nn.Linear(nh * d, h, bias=args.o_bias)
+        # q/k norms: OLMoE's over the whole projection, Qwen3-MoE's over each head (HF's q_norm/k_norm).
+        norm_dims = {"full": (nh * d, nkv * d), "head": (d, d)}.get(args.qk_norm)
+        self.q_norm = RMSNorm(norm_dims[0], args.rms_norm_eps) if norm_dims else None
+        self.k_norm = RMSNorm(norm_dims[1], args.rms_norm_eps) if norm_dims else None
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, input_pos, slots, kv_len: int) -> torch.Tensor:
-        b, s, _ = x.shape
         a = self.args
-        q = self.wq(x).view(b, s, a.num_heads, a.head_dim)
-        k = self.wk(x).view(b, s, a.num_kv_heads, a.head_dim)
-        v = self.wv(x).view(b, s, a.num_kv_heads, a.head_dim)
+        q, k, v = self._qkv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is None:
             raise RuntimeError("KV cache not set up: call Transformer.setup_cache() first")
         k, v = self.kv_cache.update(slots, input_pos, k, v, kv_len)  # [B, kv_len, NKV, D]
         return self.wo(_grouped_query_attention(q, k, v, mask, 1.0 / math.sqrt(a.head_dim)))
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, S, H] -> q [B, S, NH, D], k/v [B, S, NKV, D], normed and clipped as the family does."""
+        b, s, _ = x.shape
+        a = self.args
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if a.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, s, a.num_heads, a.head_dim)
+        k = k.view(b, s, a.num_kv_heads, a.head_dim)
+        v = v.view(b, s, a.num_kv_heads, a.head_dim)
+        if a.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if a.clip_qkv is not None:
+            q, k, v = (t.clamp(-a.clip_qkv, a.clip_qkv) for t in (q, k, v))
+        return q, k, v
 
 
 def _grouped_query_attention(q, k, v, mask, scale: float) -> torch.Tensor:
@@ -220,12 +220,29 @@ def _grouped_query_attention(q, k, v, mask, scale: float) -> torch.Tensor:
     return y.view(b, nkv, s, g, d).permute(0, 2, 1, 3, 4).reshape(b, s, nh * d)  # [B, S, NH*D]
 
 
+class SharedExpert(nn.Module):
+    """A dense SwiGLU expert every token takes, scaled by sigmoid(gate(x)): Qwen2-MoE's shared expert, the
+    residual expert of DeepSpeed-MoE's PR-MoE (Rajbhandari et al. 2022, arXiv:2201.05596)."""
+
+    def __init__(self, hidden: int, ffn: int) -> None:
+        super().__init__()
+        self.w13 = nn.Linear(hidden, 2 * ffn, bias=False)  # [2FS, H] = cat(gate_proj, up_proj)
+        self.w2 = nn.Linear(ffn, hidden, bias=False)  # [H, FS]
+        self.gate = nn.Linear(hidden, 1, bias=False)  # [1, H]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] -> [..., H]."""
+        g, u = self.w13(x).chunk(2, dim=-1)  # [..., FS] each
+        return torch.sigmoid(self.gate(x)) * self.w2(F.silu(g) * u)
+
+
 class MoEBlock(nn.Module):
     """Router + E SwiGLU experts, with per-expert load counters kept on the device.
 
     Pipeline (owning module of each stage):
     [gate] gating.route -> [top-k] gating.route (or gating.forced_route) -> [fetch experts] expert_cache
     -> [dispatch] experts.run_experts -> [expert FFN] experts.run_experts -> [combine] experts.run_experts
+    -> [shared expert] SharedExpert, on every token, added last (Qwen2-MoE; absent in the other families)
     With expert buffering (issue 5) expert_cache.ExpertCache runs fetch, dispatch, FFN and combine itself,
     over its device slots and with the same math.
     """
@@ -237,6 +254,8 @@ class MoEBlock(nn.Module):
         self.router = nn.Linear(h, e, bias=False)
         self.w13 = nn.Parameter(torch.empty(e, 2 * f, h))  # [E, 2F, H] = cat(w1, w3), nn.Linear layout
         self.w2 = nn.Parameter(torch.empty(e, h, f))  # [E, H, F]
+        fs = args.shared_expert_intermediate_size
+        self.shared_expert = SharedExpert(h, fs) if fs else None
         # Cumulative token-slots routed to each expert and static-gating drops; read on request only.
         self.register_buffer("expert_load", torch.zeros(e, dtype=torch.int64), persistent=False)
         self.register_buffer("dropped_slots", torch.zeros((), dtype=torch.int64), persistent=False)
@@ -249,8 +268,17 @@ class MoEBlock(nn.Module):
         self.forced_routing: ForcedRouting | None = None
         self.observer = None
         self.expert_cache = None
+        # Issue 9: adaptive top-p, pruned experts or SCMoE's weak routing (routing_policy.py, contrast.py).
+        self.route_options: RouteOptions | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, S, H] -> the routed experts' output, plus the gated shared expert's where there is one."""
+        out = self._routed(x)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
+        return out
+
+    def _routed(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, H]
         if self.parallel is not None:
@@ -258,7 +286,8 @@ class MoEBlock(nn.Module):
         if self.forced_routing is not None:
             routing = forced_route(self.forced_routing, flat.shape[0], self.args.num_experts)
         else:
-            routing = route(self.router(flat), self.args.top_k)
+            routing = route(self.router(flat), self.args.top_k, renormalize=self.args.norm_topk_prob,
+                            options=self.route_options)
         self.expert_load += routing.expert_counts
         if self.observer is not None:
             self.observer.routed(self.layer_index, routing)
@@ -377,7 +406,9 @@ class Transformer(nn.Module):
         kv_len bounds the cache positions attended (callers know it on the host: max position + 1).
         Returns logits [B, S, V] in the model dtype ([B, 1, V], the last position's, with last_only).
         """
-        kv_len = kv_len or self.max_cache_len
+        # Attended length rounded up to a multiple of KV_LEN_ALIGN (the mask hides the extra positions):
+        # attention backends that build a plan per shape (cuDNN) would otherwise re-plan every step.
+        kv_len = min(self.max_cache_len, -(-(kv_len or self.max_cache_len) // KV_LEN_ALIGN) * KV_LEN_ALIGN)
         if self.step_hook is not None:
             self.step_hook(tokens, input_pos, slots, kv_len)
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [B, S, D]

@@ -19,7 +19,7 @@ INPUT_IDS, TEXT_INPUT = "input_ids", "text_input"
 OUTPUT_IDS, TEXT_OUTPUT = "output_ids", "text_output"
 PAD_ID = -1  # output_ids rows are padded to the longest completion with this id
 _ID_DTYPES = {"INT32": np.dtype("<i4"), "INT64": np.dtype("<i8")}
-_PARAMS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos")
+_PARAMS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos", "contrast_alpha")
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,7 @@ def parse_parameters(params, default_max_tokens: int) -> tuple[SamplingParams, t
         top_p=get("top_p", float, 1.0),
         seed=get("seed", int, None),
         ignore_eos=get("ignore_eos", bool, False),
+        contrast_alpha=get("contrast_alpha", float, 0.0),
     )
     return sampling, ((stop,) if stop else ())
 

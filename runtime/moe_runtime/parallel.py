@@ -152,7 +152,7 @@ class ExpertParallel:
         per = -(-t // w)  # shard size; the last shards may be short or empty
         start, end = min(self.rank * per, t), min((self.rank + 1) * per, t)
         shard = x[start:end]  # [Tr, H]
-        routing = route(moe.router(shard), moe.args.top_k)
+        routing = route(moe.router(shard), moe.args.top_k, renormalize=moe.args.norm_topk_prob)
         moe.expert_load += routing.expert_counts
         k = routing.topk_ids.shape[1]
         table, count = self.tables[layer]

@@ -161,6 +161,20 @@ class Placement:
             raise PlacementError(f"placement is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
 
+    def to_proto(self):
+        """The ExpertControl message (moe_runtime.api.v1.Placement): same fields, same meaning."""
+        from moe_runtime.api.v1 import expert_control_pb2 as ec_pb
+
+        return ec_pb.Placement(version=self.version, num_ranks=self.num_ranks, slots_per_rank=self.slots_per_rank,
+                               layers=[ec_pb.LayerSlots(experts=list(layer)) for layer in self.slots])
+
+    @classmethod
+    def from_proto(cls, msg) -> Placement:
+        """From an ExpertControl Placement message; checked as from_dict checks JSON."""
+        return cls.from_dict({"version": msg.version, "num_ranks": msg.num_ranks,
+                              "slots_per_rank": msg.slots_per_rank,
+                              "slots": [list(layer.experts) for layer in msg.layers]})
+
 
 def slots_per_rank_for(num_experts: int, num_ranks: int, redundant_slots: int = 0) -> int:
     """ceil(E / W) slots per rank, plus `redundant_slots` extra slots per rank for replicas."""

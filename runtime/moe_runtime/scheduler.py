@@ -238,7 +238,7 @@ class Engine:
                 continue
             req.slot = self._free_slots.pop(0)
             self._running.append(req)
-            logits = prefill(self.model, req.prompt_ids, req.slot)
+            logits = prefill(self.model, req.prompt_ids, req.slot, contrast_alpha=req.params.contrast_alpha)
             self._emit([req], DecodeOutput(logits[None]))
             budget -= len(req.prompt_ids)
             admitted.append(req)
@@ -246,7 +246,8 @@ class Engine:
 
     def _decode(self, batch: list[Request]) -> None:
         out = decode(self.model, [r.output_ids[-1] for r in batch], [r.position for r in batch],
-                     [r.slot for r in batch], cuda_graphs=self.cuda_graphs)
+                     [r.slot for r in batch], cuda_graphs=self.cuda_graphs,
+                     contrast_alphas=[r.params.contrast_alpha for r in batch])
         self._emit(batch, out)
 
     def _emit(self, batch: list[Request], out: DecodeOutput) -> None:

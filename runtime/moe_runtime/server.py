@@ -40,6 +40,7 @@ from moe_runtime.metrics import RuntimeMetrics
 from moe_runtime.model import Transformer
 from moe_runtime.parallel import ExpertParallel, Lockstep, ParallelConfig, init_group
 from moe_runtime.placement import Placement, PlacementError, round_robin
+from moe_runtime.routing_policy import apply_routing_policy
 from moe_runtime.scheduler import Engine, Request, TokenEvent
 from moe_runtime.tokenizer import Tokenizer, load_tokenizer
 from moe_runtime.trace_recorder import TraceRecorder
@@ -288,6 +289,7 @@ class GenerationServicer(gen_grpc.GenerationServicer):
             top_p=request.top_p if request.HasField("top_p") else 1.0,
             seed=request.seed if request.HasField("seed") else None,
             stop_token_ids=tuple(request.stop_token_ids), ignore_eos=request.ignore_eos,
+            contrast_alpha=request.contrast_alpha,
         )
         stream = _Stream(self.s, ids, params, context, request.request_id)
         return stream, _TextTail(self.s.tokenizer, tuple(request.stop))
@@ -349,12 +351,12 @@ class ExpertControlServicer(ec_grpc.ExpertControlServicer):
             self.s.require_ready()
         except ModelNotReady as exc:
             await _abort(context, exc)
-        return placement_to_proto(self.s.control.placement)
+        return self.s.control.placement.to_proto()
 
     async def ApplyPlacement(self, request, context):
         try:
             self.s.require_ready()
-            placement = placement_from_proto(request.placement)
+            placement = Placement.from_proto(request.placement)
             unchanged, copied = await asyncio.to_thread(self.s.control.apply_placement, placement)
         except Exception as exc:
             await context.abort(_placement_code(exc), str(exc))
@@ -377,17 +379,6 @@ def _placement_code(exc: Exception) -> grpc.StatusCode:
     if isinstance(exc, StalePlacement):
         return grpc.StatusCode.FAILED_PRECONDITION
     return status_code(exc)
-
-
-def placement_to_proto(p: Placement) -> ec_pb.Placement:
-    return ec_pb.Placement(version=p.version, num_ranks=p.num_ranks, slots_per_rank=p.slots_per_rank,
-                           layers=[ec_pb.LayerSlots(experts=list(row)) for row in p.slots])
-
-
-def placement_from_proto(msg: ec_pb.Placement) -> Placement:
-    return Placement.from_dict({"version": msg.version, "num_ranks": msg.num_ranks,
-                                "slots_per_rank": msg.slots_per_rank,
-                                "slots": [list(layer.experts) for layer in msg.layers]})
 
 
 class RuntimeServer:
@@ -420,6 +411,9 @@ class RuntimeServer:
         model = self._model or load_model(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype),
                                           gating=cfg.gating, seed=cfg.seed)
         args = model.args
+        if self.parallel is not None and cfg.routing.enabled:
+            raise ConfigError("routing.adaptive_top_p and routing.prune_keep are not supported with expert parallelism")
+        apply_routing_policy(model, cfg.routing)  # issue 9; before buffering, whose device slots it may spare
         self._buffer_and_record(model)
         world = self.parallel.world_size if self.parallel else 1
         placement = initial_placement(cfg, args, world)

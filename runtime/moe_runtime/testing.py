@@ -1,4 +1,4 @@
-"""Test and benchmark helpers: tiny transformers Mixtral checkpoints built on the fly.
+"""Test and benchmark helpers: tiny transformers MoE checkpoints (every supported family) built on the fly.
 
 Imports transformers lazily; nothing in the serving path imports this module.
 """
@@ -8,24 +8,43 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# A tiny config of each family: its transformers classes and the fields it names its own way. The
+# Qwen configs' intermediate_size is their dense MLP's, unused while every layer is sparse.
+_TINY_COMMON: dict[str, Any] = dict(
+    vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    num_experts_per_tok=2, max_position_embeddings=256,
+)
+TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=96, num_local_experts=4)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        intermediate_size=96, moe_intermediate_size=48, shared_expert_intermediate_size=80, num_experts=4)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        intermediate_size=96, moe_intermediate_size=48, num_experts=4)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=96, num_experts=4, eos_token_id=2)),
+}
 
-def save_tiny_hf_mixtral(path: str | Path, *, seed: int = 0, shard: bool = False, **overrides: Any):
-    """Build a random transformers MixtralForCausalLM, save it with save_pretrained; return the model."""
+
+def save_tiny_hf_model(path: str | Path, family: str = "mixtral", *, seed: int = 0, shard: bool = False,
+                       **overrides: Any):
+    """Build a random transformers model of `family` (a TINY_FAMILIES key, config.json's model_type),
+    save it with save_pretrained; return the model (eval mode, eager experts)."""
     import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
+    import transformers
 
-    config: dict[str, Any] = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
-    )
-    config.update(overrides)
+    config_class, model_class, fields = TINY_FAMILIES[family]
+    config = _TINY_COMMON | fields | overrides
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(MixtralConfig(**config)).eval()
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config)).eval()
     # The plain loop over experts: transformers' CPU grouped_mm needs 16-byte-aligned shapes.
     if hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation("eager")
     model.save_pretrained(path, max_shard_size="100KB" if shard else "5GB")
     return model
+
+
+def save_tiny_hf_mixtral(path: str | Path, *, seed: int = 0, shard: bool = False, **overrides: Any):
+    """Build a random transformers MixtralForCausalLM, save it with save_pretrained; return the model."""
+    return save_tiny_hf_model(path, "mixtral", seed=seed, shard=shard, **overrides)
 
 
 class ServerThread:

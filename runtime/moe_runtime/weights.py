@@ -1,11 +1,13 @@
-"""Model weights: HF Mixtral checkpoint directories (safetensors only) and random init for presets.
+"""Model weights: HF checkpoint directories (safetensors only) and random init for presets.
 
-Owns the HF -> runtime tensor-name map and the w1/w3 fusion. A missing, extra, mis-shaped or unreadable
-tensor fails at load with the file and tensor named. Never unpickles anything.
+Owns the HF -> runtime tensor-name map of each family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) and the
+gate/up fusion into w13. A missing, extra, mis-shaped or unreadable tensor fails at load with the file
+and tensor named. Never unpickles anything.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -27,17 +29,11 @@ _DENSE_NAMES = {
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "output.weight",
 }
-_LAYER_NAMES = {
-    "input_layernorm.weight": "attention_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attention.wq.weight",
-    "self_attn.k_proj.weight": "attention.wk.weight",
-    "self_attn.v_proj.weight": "attention.wv.weight",
-    "self_attn.o_proj.weight": "attention.wo.weight",
-    "block_sparse_moe.gate.weight": "moe.router.weight",
-}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_EXPERT_RE = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+_EXPERT_RE = re.compile(r"(\w+)\.experts\.(\d+)\.(\w+)\.weight")
+# An expert's projections: Mixtral's block_sparse_moe.experts.E.{w1,w3,w2}, the others' mlp.experts.E.*.
+_MIXTRAL_PARTS = {"w1": "w1", "w3": "w3", "w2": "w2"}
+_SWIGLU_PARTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 _PROGRESS_BYTES = 1 << 30  # show a progress bar for loads above 1 GiB
 
 
@@ -47,7 +43,43 @@ class _Target:
 
     param: str
     expert: int | None = None
-    part: str | None = None  # "w1" | "w3" | "w2"
+    part: str | None = None  # "w1" | "w3" (a half of a w13) | "w2"
+
+
+@functools.lru_cache(maxsize=16)
+def _layer_names(args: ModelArgs) -> dict[str, tuple[str, str | None]]:
+    """HF names inside model.layers.N (routed experts aside) -> (runtime name inside layers.N, part)."""
+    moe = _moe_prefix(args)
+    names: dict[str, tuple[str, str | None]] = {
+        "input_layernorm.weight": ("attention_norm.weight", None),
+        "post_attention_layernorm.weight": ("ffn_norm.weight", None),
+        f"{moe}.gate.weight": ("moe.router.weight", None),
+    }
+    for proj, ours in (("q", "wq"), ("k", "wk"), ("v", "wv"), ("o", "wo")):
+        names[f"self_attn.{proj}_proj.weight"] = (f"attention.{ours}.weight", None)
+        has_bias = args.o_bias if proj == "o" else args.qkv_bias
+        if has_bias:
+            names[f"self_attn.{proj}_proj.bias"] = (f"attention.{ours}.bias", None)
+    if args.qk_norm:
+        names |= {f"self_attn.{n}_norm.weight": (f"attention.{n}_norm.weight", None) for n in ("q", "k")}
+    if args.shared_expert_intermediate_size:  # Qwen2-MoE: gate_proj/up_proj fused as the experts' w13
+        shared = "moe.shared_expert"
+        names |= {
+            f"{moe}.shared_expert.gate_proj.weight": (f"{shared}.w13.weight", "w1"),
+            f"{moe}.shared_expert.up_proj.weight": (f"{shared}.w13.weight", "w3"),
+            f"{moe}.shared_expert.down_proj.weight": (f"{shared}.w2.weight", None),
+            f"{moe}.shared_expert_gate.weight": (f"{shared}.gate.weight", None),
+        }
+    return names
+
+
+def _moe_prefix(args: ModelArgs) -> str:
+    return "block_sparse_moe" if args.model_type == "mixtral" else "mlp"
+
+
+def _expert_parts(args: ModelArgs) -> dict[str, str]:
+    """HF projection name of a routed expert -> its part of our w13 / w2."""
+    return _MIXTRAL_PARTS if args.model_type == "mixtral" else _SWIGLU_PARTS
 
 
 def _empty_model(args: ModelArgs, gating, device, dtype: torch.dtype) -> Transformer:
@@ -87,20 +119,25 @@ def _target(name: str, args: ModelArgs) -> _Target | None:
     if not m or int(m.group(1)) >= args.num_layers:
         return None
     layer, rest = int(m.group(1)), m.group(2)
-    if rest in _LAYER_NAMES:
-        return _Target(f"layers.{layer}.{_LAYER_NAMES[rest]}")
+    if rest in _layer_names(args):
+        param, part = _layer_names(args)[rest]
+        return _Target(f"layers.{layer}.{param}", None, part)
     e = _EXPERT_RE.fullmatch(rest)
-    if e and int(e.group(1)) < args.num_experts:
-        part = e.group(2)
-        return _Target(f"layers.{layer}.moe.{'w2' if part == 'w2' else 'w13'}", int(e.group(1)), part)
+    parts = _expert_parts(args)
+    if e and e.group(1) == _moe_prefix(args) and int(e.group(2)) < args.num_experts and e.group(3) in parts:
+        part = parts[e.group(3)]
+        return _Target(f"layers.{layer}.moe.{'w2' if part == 'w2' else 'w13'}", int(e.group(2)), part)
     return None
 
 
-def _expected_shape(target: _Target, param: torch.Tensor, args: ModelArgs) -> tuple[int, ...]:
-    if target.expert is None:
-        return tuple(param.shape)
-    f = args.intermediate_size
-    return (f, args.hidden_size) if target.part in ("w1", "w3") else (args.hidden_size, f)
+def _destination(param: torch.Tensor, target: _Target) -> torch.Tensor:
+    """The view of `param` one checkpoint tensor fills: an expert's row of w13/w2, and of a w13 the
+    gate (w1) or up (w3) half: w13 = cat(w1, w3) along the output dimension, as HF's fused gate_up_proj."""
+    dest = param if target.expert is None else param[target.expert]
+    if target.part in ("w1", "w3"):
+        half = dest.shape[0] // 2
+        dest = dest[:half] if target.part == "w1" else dest[half:]
+    return dest
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -160,8 +197,8 @@ def load_checkpoint(
         target = _target(name, args)
         if target is None:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} for a {args.num_layers}-layer, "
-                                  f"{args.num_experts}-expert Mixtral config")
-        _copy_into(params[target.param], target, tensor, path, name, args)
+                                  f"{args.num_experts}-expert {args.model_type} config")
+        _copy_into(params[target.param], target, tensor, path, name)
         seen.add((target.param, target.expert, target.part))
         bar.update(tensor.numel() * tensor.element_size())
     bar.close()
@@ -170,19 +207,13 @@ def load_checkpoint(
     return model.eval()
 
 
-def _copy_into(param, target: _Target, tensor, path: Path, name: str, args: ModelArgs) -> None:
-    expected = _expected_shape(target, param, args)
-    if tuple(tensor.shape) != expected:
-        raise CheckpointError(f"{path}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(expected)}")
+def _copy_into(param, target: _Target, tensor, path: Path, name: str) -> None:
     with torch.no_grad():
-        if target.expert is None:
-            param.copy_(tensor)
-        elif target.part == "w2":
-            param[target.expert].copy_(tensor)
-        else:  # w13 = cat(w1, w3) along the output dimension, as HF's fused gate_up_proj
-            f = args.intermediate_size
-            rows = slice(0, f) if target.part == "w1" else slice(f, 2 * f)
-            param[target.expert, rows].copy_(tensor)
+        dest = _destination(param, target)
+        if tensor.shape != dest.shape:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(tensor.shape)}, "
+                                  f"expected {list(dest.shape)}")
+        dest.copy_(tensor)
 
 
 def _check_complete(seen, params, args: ModelArgs, directory: Path) -> None:
@@ -192,24 +223,27 @@ def _check_complete(seen, params, args: ModelArgs, directory: Path) -> None:
             required |= {(pname, e, p) for e in range(args.num_experts) for p in ("w1", "w3")}
         elif pname.endswith(".moe.w2"):
             required |= {(pname, e, "w2") for e in range(args.num_experts)}
+        elif pname.endswith(".shared_expert.w13.weight"):
+            required |= {(pname, None, "w1"), (pname, None, "w3")}
         elif not (pname == "output.weight" and args.tie_word_embeddings):
             required.add((pname, None, None))
     missing = sorted(required - seen, key=str)
     if missing:
-        names = [_hf_name(*m) for m in missing[:5]]
+        names = [_hf_name(*m, args) for m in missing[:5]]
         raise CheckpointError(f"{directory}: missing tensor(s) {', '.join(names)}"
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
 
 
-def _hf_name(param: str, expert: int | None, part: str | None) -> str:
+def _hf_name(param: str, expert: int | None, part: str | None, args: ModelArgs) -> str:
     """The checkpoint name that fills a runtime parameter (for error messages)."""
     inverse = {v: k for k, v in _DENSE_NAMES.items()}
     if param in inverse:
         return inverse[param]
     layer, rest = param.split(".", 2)[1], param.split(".", 2)[2]
     if expert is not None:
-        return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{part}.weight"
-    return f"model.layers.{layer}." + {v: k for k, v in _LAYER_NAMES.items()}[rest]
+        hf_part = {v: k for k, v in _expert_parts(args).items()}[part]
+        return f"model.layers.{layer}.{_moe_prefix(args)}.experts.{expert}.{hf_part}.weight"
+    return f"model.layers.{layer}." + {v: k for k, v in _layer_names(args).items()}[(rest, part)]
 
 
 def init_random(

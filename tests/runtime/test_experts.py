@@ -16,7 +16,7 @@ from moe_runtime.experts import (
     experts_static,
     run_experts,
 )
-from moe_runtime.gating import route
+from moe_runtime.gating import RouteOptions, route
 
 # T tokens, E experts, K top-k, H hidden, F ffn
 
@@ -266,3 +266,54 @@ def test_every_path_equals_reference_for_random_small_shapes(
     out, dropped = experts_static(*args, capacity_fraction=1.0)
     torch.testing.assert_close(out, want, **_tolerance(x.dtype))
     assert int(dropped) == 0
+
+
+# ---- issue 9: dropped slots (id E) from adaptive top-p routing ---------------------------------------
+
+
+def _adaptive_case(shape, dtype, top_p=0.6):
+    """_case's layer with adaptive top-p routing: some slots are dropped (id E, weight 0)."""
+    x, w13, w2, _ = _case(*shape, dtype=dtype)
+    logits = torch.randn(shape[0], shape[1], generator=torch.Generator().manual_seed(7)) * 2  # [T, E]
+    logits[0, 0] += 10  # token 0 is sure of expert 0: it keeps that one alone
+    routing = route(logits, shape[2], options=RouteOptions(adaptive_top_p=top_p))
+    assert bool((routing.topk_ids == shape[1]).any())
+    return x, w13, w2, routing
+
+
+def _kept_only_reference(x, w13, w2, routing):
+    """The oracle on the kept slots alone: dropped slots moved to expert 0 with weight 0."""
+    num_experts = w13.shape[0]
+    ids = torch.where(routing.topk_ids < num_experts, routing.topk_ids, 0)
+    return experts_reference(x, w13, w2, routing.topk_weights, ids)
+
+
+ADAPTIVE_SHAPES = [s for s in SHAPES + DECODE_SHAPES if s[2] >= 2]
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ADAPTIVE_SHAPES)
+def test_every_path_skips_dropped_slots(monkeypatch, shape, dtype, grouped):
+    if not grouped:
+        monkeypatch.setattr(experts, "_grouped_mm_usable", lambda *_: False)
+    x, w13, w2, routing = _adaptive_case(shape, dtype)
+    want = _kept_only_reference(x, w13, w2, routing)
+    args = (x, w13, w2, routing.topk_weights, routing.topk_ids)
+    torch.testing.assert_close(experts_reference(*args), want, **_tolerance(dtype))
+    torch.testing.assert_close(experts_dynamic(*args, routing.expert_counts), want, **_tolerance(dtype))
+    torch.testing.assert_close(experts_dynamic(*args), want, **_tolerance(dtype))
+    torch.testing.assert_close(experts_decode(*args), want, **_tolerance(dtype))
+    out, dropped = experts_static(*args, capacity_fraction=shape[2])
+    torch.testing.assert_close(out, want, **_tolerance(dtype))
+    assert int(dropped) == 0  # adaptive drops are not capacity drops
+
+
+def test_dropped_slots_take_no_static_capacity():
+    # One expert, capacity for exactly the kept slots: nothing overflows because dropped slots queue nowhere.
+    x, w13, w2, _ = _case(8, 2, 2, 32, 16)
+    ids = torch.tensor([[0, 2]] * 8)  # slot 1 dropped everywhere
+    weights = torch.tensor([[1.0, 0.0]] * 8)
+    out, dropped = experts_static(x, w13, w2, weights, ids, capacity_fraction=1.0)
+    assert int(dropped) == 0
+    torch.testing.assert_close(out, experts_reference(x, w13, w2, weights, ids))

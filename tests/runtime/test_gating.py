@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_runtime.gating import Routing, route
+from moe_runtime.errors import ConfigError
+from moe_runtime.gating import RouteOptions, Routing, route
 
 # T tokens, E experts, K top-k, H hidden
 
@@ -112,3 +113,76 @@ def test_route_invariants_hold_for_random_shapes(num_tokens, num_experts, top_k,
     assert all(len(set(row)) == top_k for row in routing.topk_ids.tolist())
     assert bool((routing.topk_weights[:, :-1] >= routing.topk_weights[:, 1:]).all())
     torch.testing.assert_close(routing.topk_weights.sum(dim=-1), torch.ones(num_tokens))
+
+
+# ---- issue 9: RouteOptions (adaptive top-p, pruned experts, SCMoE's weak routing) ----------------------
+
+
+@pytest.mark.parametrize(("num_tokens", "num_experts", "top_k"), CASES)
+def test_adaptive_top_p_of_one_equals_plain_top_k_exactly(num_tokens, num_experts, top_k):
+    logits = _logits(num_tokens, num_experts)
+    plain, adaptive = route(logits, top_k), route(logits, top_k, options=RouteOptions(adaptive_top_p=1.0))
+    assert torch.equal(adaptive.topk_ids, plain.topk_ids)
+    assert torch.equal(adaptive.topk_weights, plain.topk_weights)
+    assert torch.equal(adaptive.expert_counts, plain.expert_counts)
+
+
+@pytest.mark.parametrize(("num_tokens", "num_experts", "top_k"), CASES)
+def test_adaptive_top_p_just_below_one_keeps_every_slot(num_tokens, num_experts, top_k):
+    # The masking path itself (1.0 skips it): no top-(k-1) mass of these logits reaches 0.9999.
+    logits = _logits(num_tokens, num_experts)
+    plain, adaptive = route(logits, top_k), route(logits, top_k, options=RouteOptions(adaptive_top_p=0.9999))
+    assert torch.equal(adaptive.topk_ids, plain.topk_ids)
+    torch.testing.assert_close(adaptive.topk_weights, plain.topk_weights)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.5, 0.7, 0.9])
+@pytest.mark.parametrize(("num_experts", "top_k"), [(8, 2), (8, 3), (4, 4)])
+def test_adaptive_top_p_keeps_the_fewest_top_slots_whose_router_mass_reaches_p(num_experts, top_k, top_p):
+    logits = _logits(64, num_experts, seed=3) * 2  # [T, E], peaked enough that some tokens keep one expert
+    routing = route(logits, top_k, options=RouteOptions(adaptive_top_p=top_p))
+    probs, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)  # [T, K]
+    for t in range(64):
+        kept = next(k + 1 for k in range(top_k) if probs[t, : k + 1].sum() >= top_p or k + 1 == top_k)
+        assert routing.topk_ids[t, :kept].tolist() == ids[t, :kept].tolist()
+        assert routing.topk_ids[t, kept:].tolist() == [num_experts] * (top_k - kept)  # dropped slots
+        torch.testing.assert_close(routing.topk_weights[t, :kept], probs[t, :kept] / probs[t, :kept].sum())
+        assert not routing.topk_weights[t, kept:].any()
+    live = routing.topk_ids[routing.topk_ids < num_experts]
+    torch.testing.assert_close(routing.expert_counts, torch.bincount(live, minlength=num_experts).to(torch.int32))
+    assert int(routing.expert_counts.sum()) < 64 * top_k or top_p > 0.9  # the threshold saved expert slots
+
+
+def test_pruned_experts_are_never_routed_to_and_the_rest_route_as_among_themselves():
+    logits = _logits(40, 8, seed=5)
+    keep = torch.tensor([True, False, True, True, False, True, False, False])
+    routing = route(logits, 2, options=RouteOptions(expert_mask=keep))
+    assert bool(keep[routing.topk_ids].all())
+    assert not routing.expert_counts[~keep].any()
+    among = route(logits[:, keep], 2)  # the same routing on a 4-expert router, ids mapped back
+    assert torch.equal(routing.topk_ids, keep.nonzero().squeeze(1)[among.topk_ids])
+    torch.testing.assert_close(routing.topk_weights, among.topk_weights)
+
+
+def test_a_mask_that_keeps_every_expert_equals_plain_routing():
+    logits = _logits(17, 8)
+    masked = route(logits, 2, options=RouteOptions(expert_mask=torch.ones(8, dtype=torch.bool)))
+    assert torch.equal(masked.topk_ids, route(logits, 2).topk_ids)
+    assert torch.equal(masked.topk_weights, route(logits, 2).topk_weights)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_weak_rank_routes_each_token_to_its_rank_r_expert_alone(rank):
+    logits = _logits(25, 8)
+    routing = route(logits, 2, options=RouteOptions(weak_rank=rank))
+    want = torch.topk(logits, rank, dim=-1).indices[:, rank - 1 :]  # [T, 1]
+    assert torch.equal(routing.topk_ids, want)
+    assert torch.equal(routing.topk_weights, torch.ones(25, 1))
+    assert int(routing.expert_counts.sum()) == 25
+
+
+@pytest.mark.parametrize("options", [{"adaptive_top_p": 0.0}, {"adaptive_top_p": 1.5}, {"weak_rank": 0},
+                                     {"expert_mask": torch.ones(8)}])
+def test_bad_route_options_are_rejected(options):
+    with pytest.raises(ConfigError):
+        RouteOptions(**options)

@@ -21,7 +21,6 @@ from moe_runtime.api.v1 import generation_pb2 as gen
 from moe_runtime.api.v1 import generation_pb2_grpc as gen_grpc
 from moe_runtime.generate import SamplingParams, generate
 from moe_runtime.placement import Placement
-from moe_runtime.server import placement_to_proto
 from moe_runtime.weights import load_model
 
 pytestmark = pytest.mark.timeout(180)
@@ -75,7 +74,7 @@ def test_group_serves_the_single_process_tokens_through_a_live_replacement():
             moved = Placement(before.version + 1, before.num_ranks, before.slots_per_rank, tuple(map(tuple, layers)))
             applied = {}
             t = threading.Thread(target=lambda: applied.update(
-                r=stub.ApplyPlacement(ec.ApplyPlacementRequest(placement=placement_to_proto(moved)))))
+                r=stub.ApplyPlacement(ec.ApplyPlacementRequest(placement=moved.to_proto()))))
             t.start()
             tokens += [tok for m in stream for tok in m.token_ids]
             t.join(timeout=60)

@@ -156,6 +156,14 @@ def test_generate_streams_tokens_then_finish_with_usage(channel):
     assert msgs[-1].usage.prompt_tokens == 3 and msgs[-1].usage.completion_tokens == 7
 
 
+def test_generate_with_contrast_alpha_returns_the_self_contrasted_tokens(channel):
+    req = gen.GenerateRequest(prompt_ids=gen.TokenIds(ids=[3, 4, 5]), max_tokens=7, ignore_eos=True,
+                              contrast_alpha=1.5)
+    tokens = list(gen_grpc.GenerationStub(channel).GenerateUnary(req).token_ids)
+    params = SamplingParams(max_new_tokens=7, ignore_eos=True, contrast_alpha=1.5)
+    assert tokens == generate(load_model("tiny"), [[3, 4, 5]], params)[0].output_ids != _reference([3, 4, 5], 7)
+
+
 def test_generate_rejects_an_empty_prompt(channel):
     with pytest.raises(grpc.RpcError) as err:
         list(gen_grpc.GenerationStub(channel).Generate(gen.GenerateRequest(prompt_ids=gen.TokenIds(ids=[]))))

@@ -27,7 +27,6 @@ from moe_runtime.api.v1 import generation_pb2 as gen
 from moe_runtime.api.v1 import generation_pb2_grpc as gen_grpc
 from moe_runtime.errors import ConfigError, InvalidRequest
 from moe_runtime.placement import round_robin
-from moe_runtime.server import placement_to_proto
 from moe_runtime.testing import ServerThread, loopback_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -101,7 +100,7 @@ def test_apply_placement_versions_and_validation():
         stub = ec_grpc.ExpertControlStub(admin)
         args = st.server.serving.engine.model.args
         current = round_robin(args.num_layers, args.num_experts, 1)
-        same = stub.ApplyPlacement(ec.ApplyPlacementRequest(placement=placement_to_proto(current)))
+        same = stub.ApplyPlacement(ec.ApplyPlacementRequest(placement=current.to_proto()))
         assert same.unchanged
         reversed_ = type(current)(0, 1, args.num_experts, tuple(tuple(reversed(r)) for r in current.slots))
         cases = [
@@ -113,10 +112,10 @@ def test_apply_placement_versions_and_validation():
         ]
         for placement, code in cases:
             if code is None:
-                assert not stub.ApplyPlacement(ec.ApplyPlacementRequest(placement=placement_to_proto(placement))).unchanged
+                assert not stub.ApplyPlacement(ec.ApplyPlacementRequest(placement=placement.to_proto())).unchanged
                 continue
             with pytest.raises(grpc.RpcError) as err:
-                stub.ApplyPlacement(ec.ApplyPlacementRequest(placement=placement_to_proto(placement)))
+                stub.ApplyPlacement(ec.ApplyPlacementRequest(placement=placement.to_proto()))
             assert err.value.code() == code, err.value.details()
         assert stub.GetPlacement(ec.GetPlacementRequest()).version == 1
 

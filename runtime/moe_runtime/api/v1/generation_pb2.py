@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#moe_runtime/api/v1/generation.proto\x12\x12moe_runtime.api.v1\"\xb8\x02\n\x0fGenerateRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x32\n\nprompt_ids\x18\x04 \x01(\x0b\x32\x1c.moe_runtime.api.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x37\n\rfinish_reason\x18\x04 \x01(\x0e\x32 .moe_runtime.api.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.moe_runtime.api.v1.Usage\x12*\n\x06timing\x18\x06 \x01(\x0b\x32\x1a.moe_runtime.api.v1.Timing\"\xdb\x01\n\x15GenerateUnaryResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x37\n\rfinish_reason\x18\x04 \x01(\x0e\x32 .moe_runtime.api.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.moe_runtime.api.v1.Usage\x12*\n\x06timing\x18\x06 \x01(\x0b\x32\x1a.moe_runtime.api.v1.Timing\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"[\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xc6\x01\n\nGeneration\x12W\n\x08Generate\x12#.moe_runtime.api.v1.GenerateRequest\x1a$.moe_runtime.api.v1.GenerateResponse0\x01\x12_\n\rGenerateUnary\x12#.moe_runtime.api.v1.GenerateRequest\x1a).moe_runtime.api.v1.GenerateUnaryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#moe_runtime/api/v1/generation.proto\x12\x12moe_runtime.api.v1\"\xd0\x02\n\x0fGenerateRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x32\n\nprompt_ids\x18\x04 \x01(\x0b\x32\x1c.moe_runtime.api.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x16\n\x0e\x63ontrast_alpha\x18\x0c \x01(\x02\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x37\n\rfinish_reason\x18\x04 \x01(\x0e\x32 .moe_runtime.api.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.moe_runtime.api.v1.Usage\x12*\n\x06timing\x18\x06 \x01(\x0b\x32\x1a.moe_runtime.api.v1.Timing\"\xdb\x01\n\x15GenerateUnaryResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x37\n\rfinish_reason\x18\x04 \x01(\x0e\x32 .moe_runtime.api.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.moe_runtime.api.v1.Usage\x12*\n\x06timing\x18\x06 \x01(\x0b\x32\x1a.moe_runtime.api.v1.Timing\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"[\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xc6\x01\n\nGeneration\x12W\n\x08Generate\x12#.moe_runtime.api.v1.GenerateRequest\x1a$.moe_runtime.api.v1.GenerateResponse0\x01\x12_\n\rGenerateUnary\x12#.moe_runtime.api.v1.GenerateRequest\x1a).moe_runtime.api.v1.GenerateUnaryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moe_runtime.api.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=990
-  _globals['_FINISHREASON']._serialized_end=1114
+  _globals['_FINISHREASON']._serialized_start=1014
+  _globals['_FINISHREASON']._serialized_end=1138
   _globals['_GENERATEREQUEST']._serialized_start=60
-  _globals['_GENERATEREQUEST']._serialized_end=372
-  _globals['_TOKENIDS']._serialized_start=374
-  _globals['_TOKENIDS']._serialized_end=397
-  _globals['_GENERATERESPONSE']._serialized_start=400
-  _globals['_GENERATERESPONSE']._serialized_end=614
-  _globals['_GENERATEUNARYRESPONSE']._serialized_start=617
-  _globals['_GENERATEUNARYRESPONSE']._serialized_end=836
-  _globals['_USAGE']._serialized_start=838
-  _globals['_USAGE']._serialized_end=895
-  _globals['_TIMING']._serialized_start=897
-  _globals['_TIMING']._serialized_end=988
-  _globals['_GENERATION']._serialized_start=1117
-  _globals['_GENERATION']._serialized_end=1315
+  _globals['_GENERATEREQUEST']._serialized_end=396
+  _globals['_TOKENIDS']._serialized_start=398
+  _globals['_TOKENIDS']._serialized_end=421
+  _globals['_GENERATERESPONSE']._serialized_start=424
+  _globals['_GENERATERESPONSE']._serialized_end=638
+  _globals['_GENERATEUNARYRESPONSE']._serialized_start=641
+  _globals['_GENERATEUNARYRESPONSE']._serialized_end=860
+  _globals['_USAGE']._serialized_start=862
+  _globals['_USAGE']._serialized_end=919
+  _globals['_TIMING']._serialized_start=921
+  _globals['_TIMING']._serialized_end=1012
+  _globals['_GENERATION']._serialized_start=1141
+  _globals['_GENERATION']._serialized_end=1339
 # @@protoc_insertion_point(module_scope)
