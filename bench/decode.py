@@ -10,7 +10,6 @@ OUT/decode.md; timings are results, never assertions. `--quick`: the tiny preset
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -21,7 +20,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_layer import _device_name, _measure_rates, _versions  # one measurement of the rates for every bench
+from moe_layer import (  # shared with every bench
+    _device_name,
+    _free_memory,
+    _measure_rates,
+    _versions,
+    guarded,
+)
 
 from moe_runtime.cuda_graphs import decode_graphs
 from moe_runtime.gating import route
@@ -243,9 +248,9 @@ def _hf_measure(model, setup: dict) -> dict:
         for batch in setup["batches"]:
             cell = out["decode"][batch] = {}
             for impl in HF_IMPLEMENTATIONS:
-                cell[impl] = _guarded(lambda impl=impl, b=batch: _hf_loop(model, b, setup, impl, calls))
+                cell[impl] = guarded(lambda impl=impl, b=batch: _hf_loop(model, b, setup, impl, calls))
                 _set_impl(model, default)
-            cell["generate"] = _guarded(lambda b=batch: _hf_generate(model, b, setup, calls))
+            cell["generate"] = guarded(lambda b=batch: _hf_generate(model, b, setup, calls))
             print(f"transformers B={batch}: " + ", ".join(f"{k} {_fmt_ms(v)}" for k, v in cell.items()), flush=True)
     return out
 
@@ -340,17 +345,6 @@ def _batched_mm_fits(model, batch: int) -> bool:
     c = model.config
     per_slot = 3 * c.hidden_size * c.intermediate_size * model.dtype.itemsize
     return batch * c.num_experts_per_tok * per_slot < 0.6 * torch.cuda.mem_get_info()[0]
-
-
-def _guarded(fn) -> dict:
-    try:
-        return fn()
-    except torch.OutOfMemoryError:
-        return {"status": "oom"}
-    except Exception as exc:  # one failing configuration must not end the run
-        return {"status": f"error: {type(exc).__name__}: {exc}"[:300]}
-    finally:
-        _free_memory()
 
 
 # ---- output ------------------------------------------------------------------------------------------
@@ -454,11 +448,6 @@ def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -214,16 +214,26 @@ def _time_cell(name: str, fn, layer: dict, inputs: list[dict], quick: bool) -> d
     num_slots = inputs[0]["ids"].numel()
     if name == "transformers batched_mm" and not _batched_mm_fits(layer, num_slots):
         return {"status": "skipped: copies one expert per token-slot, would not fit in memory"}
+    return guarded(lambda: _measure_cell(fn, inputs, num_slots, quick))
+
+
+def _measure_cell(fn, inputs: list[dict], num_slots: int, quick: bool) -> dict:
+    _, dropped = fn(inputs[0])  # warm-up and the per-call numbers
+    cell = {"status": "ok", "peak_activation_bytes": _peak_activation_bytes(fn, inputs[0])}
+    if dropped is not None:
+        cell["dropped_fraction"] = int(dropped) / num_slots
+    cell["ms"] = _median_ms(fn, inputs, quick)
+    return cell
+
+
+def guarded(fn) -> dict:
+    """fn()'s result, or a status cell when it runs out of memory or fails: one failing configuration
+    must not end a benchmark run (bench/decode.py uses it too)."""
     try:
-        _, dropped = fn(inputs[0])  # warm-up and the per-call numbers
-        cell = {"status": "ok", "peak_activation_bytes": _peak_activation_bytes(fn, inputs[0])}
-        if dropped is not None:
-            cell["dropped_fraction"] = int(dropped) / num_slots
-        cell["ms"] = _median_ms(fn, inputs, quick)
-        return cell
+        return fn()
     except torch.OutOfMemoryError:
         return {"status": "oom"}
-    except Exception as exc:  # one failing implementation must not end the run
+    except Exception as exc:
         return {"status": f"error: {type(exc).__name__}: {exc}"[:300]}
     finally:
         _free_memory()

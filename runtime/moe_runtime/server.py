@@ -294,31 +294,31 @@ class GenerationServicer(gen_grpc.GenerationServicer):
         stream = _Stream(self.s, ids, params, context, request.request_id)
         return stream, _TextTail(self.s.tokenizer, tuple(request.stop))
 
+    async def _pieces(self, request, context):
+        """(stream, new token ids, text piece, finish reason) per engine event; a stop string ends it."""
+        stream, tail = self._start(request, context)
+        async for event in stream.events():
+            piece, stopped = tail.push(event.token_ids)
+            yield stream, event.token_ids, piece, "stop" if stopped else event.finish_reason
+            if stopped:
+                stream.request.cancel("stop")
+                return
+
     async def Generate(self, request, context):
         try:
-            stream, tail = self._start(request, context)
-            async for event in stream.events():
-                piece, stopped = tail.push(event.token_ids)
-                reason = "stop" if stopped else event.finish_reason
-                yield self._response(gen_pb.GenerateResponse, stream, event.token_ids, piece, reason)
-                if stopped:
-                    break
+            async for stream, ids, piece, reason in self._pieces(request, context):
+                yield self._response(gen_pb.GenerateResponse, stream, ids, piece, reason)
         except Exception as exc:
             self.s.metrics.requests.labels(status_code(exc).name).inc()
             await _abort(context, exc)
         self.s.metrics.requests.labels("OK").inc()
 
     async def GenerateUnary(self, request, context):
+        ids, text, reason, stream = [], "", None, None
         try:
-            stream, tail = self._start(request, context)
-            ids, text, reason = [], "", None
-            async for event in stream.events():
-                ids += event.token_ids
-                piece, stopped = tail.push(event.token_ids)
+            async for stream, new, piece, reason in self._pieces(request, context):  # noqa: B007
+                ids += new
                 text += piece
-                reason = "stop" if stopped else event.finish_reason
-                if stopped:
-                    break
         except Exception as exc:
             self.s.metrics.requests.labels(status_code(exc).name).inc()
             await _abort(context, exc)

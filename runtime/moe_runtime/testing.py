@@ -151,3 +151,16 @@ def heldout_prompts(checkpoint: str | Path, count: int = 24, length: int = 48) -
     ids = tokenizer.encode((checkpoint / "heldout.txt").read_text()[:200_000])
     step = max(length, len(ids) // count)
     return [ids[i:i + length] for i in range(0, step * count, step) if len(ids[i:i + length]) == length]
+
+
+def transformers_greedy(hf_model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' own greedy `generate` for each prompt alone: the reference our generate() must match."""
+    import torch
+
+    outputs = []
+    for prompt in prompts:
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        outputs.append(out[0, len(prompt):].tolist())
+    return outputs

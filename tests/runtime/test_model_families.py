@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from moe_runtime.errors import CheckpointError, ConfigError
 from moe_runtime.generate import SamplingParams, generate
 from moe_runtime.model import ModelArgs
-from moe_runtime.testing import save_tiny_hf_model
+from moe_runtime.testing import save_tiny_hf_model, transformers_greedy
 from moe_runtime.weights import load_checkpoint
 
 # initializer_range 0.2 rather than 0.02: routing far from uniform and every family feature (the shared
@@ -68,11 +68,7 @@ def test_greedy_generation_matches_transformers_generate(tmp_path, name):
     ours = load_checkpoint(tmp_path / name)
     prompts = [[5, 9, 17, 3], [11, 4, 8, 30, 12, 7, 1, 60], [42]]
     completions = generate(ours, prompts, SamplingParams(max_new_tokens=10))
-    for prompt, completion in zip(prompts, completions):
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
-                              pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-        assert completion.output_ids == out[0, len(prompt):].tolist()
+    assert [c.output_ids for c in completions] == transformers_greedy(hf, prompts, 10)
 
 
 def _without_shared_expert(model):
