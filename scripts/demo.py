@@ -125,6 +125,7 @@ def main() -> int:
                           ("static gating, capacity f=0.25 (GShard cf 1.0): overflow tokens dropped",
                            ["--gating", "static", "--capacity-fraction", "0.25"])):
         banner(f"moe-runtime generate --model models/tiny-stdlib-moe, {title}")
+        print("prompt: 'def fibonacci(n):\\n'; generated:", flush=True)
         subprocess.run([sys.executable, "-m", "moe_runtime", "generate", "--model", str(MODEL), "--prompt",
                         "def fibonacci(n):\n", "--max-new-tokens", "48", *gating], check=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT / "runtime")})
