@@ -73,6 +73,10 @@ def metrics(rank_load: np.ndarray) -> dict:
     }
 
 
+REAL_TRACE = ROOT / "models" / "tiny-stdlib-moe" / "traces" / "heldout.npz"
+REAL_NAME = "real: tiny-stdlib-moe E8-top2-L4"
+
+
 def static_rows(traces: dict[str, Trace]) -> list[dict]:
     rows = []
     for shape, trace in traces.items():
@@ -251,7 +255,7 @@ def header(result: dict) -> list[str]:
         f"{k}: {v:.3f} {verdict[v >= 0.95]}" for k, v in t["sliding_one_redundant_balancedness"].items()
     )
     return [
-        "# Expert placement: planner balance and planner time (CPU; every trace here is synthetic)",
+        "# Expert placement: planner balance and planner time (CPU; synthetic traces, and the demo model's real one)",
         "",
         f"Machine: {m['cpu']} ({m['cpus']} CPUs), {m['platform']}, Python {m['python']}, numpy {m['numpy']}.",
         f"Command: `.venv/bin/python bench/placement.py` ({result['wall_seconds']} s); raw numbers: placement.json.",
@@ -362,12 +366,15 @@ def main() -> None:
     result = {
         "machine": machine(),
         "trace_note": f"Synthetic skewed traces (traces.synthetic_skewed_trace, Zipf 1.0, reuse 0.5), {tokens} "
-        f"tokens each; anti_correlation's Pearson input from {COACTIVATION_BATCH}-token batches.",
+        f"tokens each; anti_correlation's Pearson input from {COACTIVATION_BATCH}-token batches. "
+        f"'{REAL_NAME}' is real: the demo model's routing of 8192 held-out tokens ({REAL_TRACE.name}; "
+        f"held-out evaluation only, too short for the sliding-window replay).",
         "tokens_per_phase": tokens // PHASES,
         "window": window,
         "interval": interval,
         "eplb_readme_example_balancedness": eplb_reference.readme_example_balancedness(),
-        "static": static_rows({k.removeprefix("stationary "): v for k, v in stationary.items()}),
+        "static": static_rows({k.removeprefix("stationary "): v for k, v in stationary.items()}
+                              | {REAL_NAME: load_trace(REAL_TRACE)}),
         "sliding": sliding_rows(stationary | drifting, window, interval),
         "timing": timing_rows(repeats=1 if args.quick else 3),
     }
