@@ -113,12 +113,36 @@ def tick(op: Operator, body, patch, logger) -> None:
     for g in restarted:
         op.metrics.group_restarts.labels(spec.name).inc()
         kopf.warn(body, reason="GroupRestarted", message=f"serving group {g} restarted as a whole")
+    if spec.rebalancing.mode == "Rollout":
+        roll_back_if_stuck(op, spec, groups, body, patch)
     if restarted or not groups or not all(g.ready for g in groups):
         return
     if spec.rebalancing.mode != "Rollout":  # Rollout changes placements by restarting groups instead
         converge(op, spec, groups, body, patch)
     if spec.rebalancing.automatic:
         rebalance(op, spec, groups, body, patch, logger)
+
+
+def roll_back_if_stuck(op: Operator, spec: DeploymentSpec, groups, body, patch) -> None:
+    """A Rollout whose restarted groups do not become ready within groupReadyTimeoutSeconds goes back to
+    the previous placement body (under a newer version: versions only grow) and sets Degraded."""
+    recorded = (body.get("status") or {}).get("placement") or {}
+    back_to = rollout.stuck_rollout(recorded, groups, time.time(), op.config.group_ready_timeout_seconds)
+    previous = None if back_to is None else reconcile.stored_placement(op.kube, spec, back_to)
+    if previous is None:
+        return
+    current = reconcile.current_placement(op.kube, spec)
+    restore = previous.with_version(current.version + 1)
+    rollout.write_revision(op.kube, spec, restore, current=True)
+    reconcile.apply_children(op.kube, spec, restore)  # the template goes back: groups restart onto it
+    op.metrics.errors.labels("rollout").inc()
+    message = (f"placement v{current.version} left groups unready for {op.config.group_ready_timeout_seconds:g} s: "
+               f"rolled back to the body of v{back_to} as v{restore.version}")
+    previous_status = DeploymentStatus.from_resource(body)
+    patch.status["conditions"] = [c for c in patch.status.get("conditions", []) if c["type"] != "Degraded"]
+    patch.status["conditions"].append(_degraded("RolloutFailed", message, spec.generation, previous_status))
+    kopf.warn(body, reason="RolloutFailed", message=message)
+    _record(op, spec, restore, "Rollback", body, patch)
 
 
 def converge(op: Operator, spec: DeploymentSpec, groups, body, patch) -> None:
@@ -136,7 +160,7 @@ def converge(op: Operator, spec: DeploymentSpec, groups, body, patch) -> None:
                                                            f"{switched}")
     if target is not None:
         rollout.write_revision(op.kube, spec, target, current=True)
-        _record(op, spec, target, None, "InPlace", body, patch)
+        _record(op, spec, target, "InPlace", body, patch)
 
 
 def rebalance(op: Operator, spec: DeploymentSpec, groups, body, patch, logger) -> None:
@@ -159,7 +183,7 @@ def rebalance(op: Operator, spec: DeploymentSpec, groups, body, patch, logger) -
         _roll_in_place(op, spec, groups, new, current, body, patch)
     else:
         reconcile.apply_children(op.kube, spec, new)  # new template hash: groups restart within maxUnavailable
-        _record(op, spec, new, decision.imbalance, "Rollout", body, patch)
+        _record(op, spec, new, "Rollout", body, patch)
     state.last_change, state.window = now, LoadWindow(state.window.keep_seconds)
 
 
@@ -179,15 +203,18 @@ def _roll_in_place(op: Operator, spec, groups, new: Placement, current: Placemen
     rollout.write_revision(op.kube, spec, new, current=True)
     kopf.info(body, reason="PlacementApplied", message=f"v{new.version} applied in place to "
                                                        f"{len(groups)} group(s), {copied} bytes copied")
-    _record(op, spec, new, None, "InPlace", body, patch)
+    _record(op, spec, new, "InPlace", body, patch)
 
 
-def _record(op: Operator, spec: DeploymentSpec, new: Placement, measured, mode: str, body, patch) -> None:
+def _record(op: Operator, spec: DeploymentSpec, new: Placement, mode: str, body, patch) -> None:
     op.metrics.rebalances.labels(spec.name, mode).inc()
     when = reconcile.now_rfc3339()
     history = list((body.get("status") or {}).get("placement", {}).get("history") or [])
+    record = {"version": new.version, "time": when, "reason": mode}
     imbalance = patch.status.get("placement", {}).get("imbalance")
-    history.append({"version": new.version, "time": when, "imbalance": imbalance, "reason": mode})
+    if imbalance is not None:  # the schema wants a number or nothing
+        record["imbalance"] = imbalance
+    history.append(record)
     placement = patch.status.setdefault("placement", {})
     placement.update(currentVersion=new.version, targetVersion=new.version, lastRebalanceTime=when,
                      history=history[-HISTORY:])

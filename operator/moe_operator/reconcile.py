@@ -140,12 +140,17 @@ def restart_group(kube: Kube, spec: DeploymentSpec, group: GroupState) -> None:
 
 
 def repair_groups(kube: Kube, spec: DeploymentSpec, groups: Iterable[GroupState]) -> list[int]:
-    """Restart broken groups now, and stale groups while at most maxUnavailable groups are down."""
+    """Restart broken groups now, stale groups that are down anyway, and stale ready groups while at most
+    maxUnavailable groups are down."""
     groups = list(groups)
     restarted = [g for g in groups if g.broken]
     down = sum(1 for g in groups if not g.ready)
     for g in groups:
-        if g.stale and not g.broken and g.complete and down < spec.rollout.max_unavailable:
+        if not g.stale or g.broken or not g.complete:
+            continue
+        if not g.ready:  # already down: restarting it onto the current template costs no availability
+            restarted.append(g)
+        elif down < spec.rollout.max_unavailable:
             restarted.append(g)
             down += 1
     for g in restarted:

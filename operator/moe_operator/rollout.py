@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from moe_operator import pods, render
 from moe_operator.kube import Kube
@@ -117,3 +118,18 @@ def converge(spec: DeploymentSpec, groups: list[GroupState], desired: Placement,
         except (pods.PodUnreachable, pods.PlacementRejected):
             continue  # reconcile restarts a broken group from the stable ConfigMap
     return switched
+
+
+def stuck_rollout(recorded: dict, groups: list[GroupState], now: float, timeout: float) -> int | None:
+    """In Rollout mode: the placement version to go back to when the last rollout left some group not
+    ready for longer than `timeout` seconds, else None. `recorded` is status.placement."""
+    history = recorded.get("history") or []
+    started = recorded.get("lastRebalanceTime")
+    if not history or history[-1].get("reason") != "Rollout" or not started:
+        return None
+    if all(g.ready for g in groups):
+        return None
+    elapsed = now - datetime.strptime(started, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    if elapsed < timeout:
+        return None
+    return int(history[-2]["version"]) if len(history) > 1 else 0

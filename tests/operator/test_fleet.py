@@ -21,7 +21,7 @@ from moe_operator.config import OperatorConfig
 from moe_operator.emulator import running_cluster
 from moe_operator.emulator.fleet import Fleet
 from moe_operator.pods import PodUnreachable, expert_load, placement
-from moe_runtime.placement import expert_load_from_slots, imbalance, rank_loads
+from moe_runtime.placement import expert_load_from_slots, imbalance, rank_loads, round_robin
 from moe_runtime.testing import SkewedLoad, heldout_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,3 +166,39 @@ def test_rollout_mode_restarts_groups_onto_the_new_placement(tmp_path):
             live = _wait(lambda: (ip := fleet.pod_ip("demo-g0-0")) and _serving_placement(f"{ip}:8003", 1), 180,
                          "the restarted leader on the new placement")
     assert live.version >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_rollout_whose_groups_never_get_ready_is_rolled_back(tmp_path):
+    """Rollout mode, and pods of the new template never start: after groupReadyTimeoutSeconds the operator
+    restores the previous placement body (as a newer version), marks Degraded, and the group serves."""
+    initial = round_robin(4, 8, 2).digest()
+
+    def refuse(template: dict) -> bool:
+        return template["metadata"]["annotations"].get("serving.moefleet.dev/placement-digest") != initial
+
+    with running_cluster(tmp_path / "kubeconfig") as cluster:
+        _post(cluster.url, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD.read_text()))
+        config = OperatorConfig(kubeconfig=str(cluster.kubeconfig), load_poll_seconds=1.0, rpc_timeout_seconds=15.0,
+                                group_ready_timeout_seconds=5.0)
+        deployment = yaml.safe_load(MANIFEST.read_text())
+        deployment["spec"]["rebalancing"]["mode"] = "Rollout"
+        fleet = Fleet(cluster.url, "default", tmp_path / "fleet", str(ROOT / "runtime"),
+                      volumes={"models": str(MODEL.parent)}, refuse=refuse)
+        with fleet, running(config, ["default"]):
+            _post(cluster.url, "/apis/serving.moefleet.dev/v1alpha1/namespaces/default/moedeployments", deployment)
+            path = "/apis/serving.moefleet.dev/v1alpha1/namespaces/default/moedeployments/demo"
+            _wait(lambda: (_get(cluster.url, path).get("status") or {}).get("readyReplicas") == 1, 120, "group ready")
+            with SkewedLoad(f"{fleet.pod_ip('demo-g0-0')}:8001", heldout_prompts(MODEL, count=6)):
+                _wait(lambda: (_get(cluster.url, path).get("status") or {}).get("placement", {}).get(
+                    "currentVersion", 0) >= 1, 120, "a new placement revision")
+            status = _wait(lambda: (s := _get(cluster.url, path).get("status") or {}).get("placement", {}).get(
+                "history", [{}])[-1].get("reason") == "Rollback" and s, 120, "the rollback")
+            live = _wait(lambda: (ip := fleet.pod_ip("demo-g0-0")) and _serving_placement(f"{ip}:8003", 2), 120,
+                         "the group serving the restored placement")
+            events = _get(cluster.url, "/api/v1/namespaces/default/events").get("items", [])
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "RolloutFailed"
+    assert live.digest() == initial and live.version == status["placement"]["currentVersion"] == 2
+    assert "RolloutFailed" in {e.get("reason") for e in events}

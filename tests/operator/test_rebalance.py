@@ -66,3 +66,26 @@ def test_anti_correlation_plans_from_interval_coactivation():
     policy = Policy(threshold=1.2, window_seconds=10, cooldown_seconds=30, planner="anti_correlation")
     d = decide(_window(_snapshots(SKEWED, 6)), CURRENT, 8, policy, now=12.0, last_change=None)
     assert d.placement is not None and d.predicted < d.imbalance
+
+
+def _group(ready: bool):
+    from moe_operator.reconcile import GroupState
+
+    pod = {"metadata": {"name": "d-g0-0"}, "status": {"phase": "Running", "conditions": [
+        {"type": "Ready", "status": "True" if ready else "False"}]}}
+    return GroupState(0, [pod], ranks=1)
+
+
+def test_a_rollout_that_leaves_a_group_unready_past_the_timeout_goes_back_to_the_previous_version():
+    from moe_operator.rollout import stuck_rollout
+
+    recorded = {"lastRebalanceTime": "2026-01-01T00:00:00Z",
+                "history": [{"version": 3, "reason": "InPlace"}, {"version": 4, "reason": "Rollout"}]}
+    start = 1767225600.0  # 2026-01-01T00:00:00Z
+    assert stuck_rollout(recorded, [_group(False)], start + 100, timeout=60) == 3
+    assert stuck_rollout(recorded, [_group(False)], start + 30, timeout=60) is None  # still within time
+    assert stuck_rollout(recorded, [_group(True)], start + 100, timeout=60) is None  # it went fine
+    first = {"lastRebalanceTime": recorded["lastRebalanceTime"], "history": [{"version": 1, "reason": "Rollout"}]}
+    assert stuck_rollout(first, [_group(False)], start + 100, timeout=60) == 0  # back to the initial v0
+    rolled = {**recorded, "history": [*recorded["history"], {"version": 5, "reason": "Rollback"}]}
+    assert stuck_rollout(rolled, [_group(False)], start + 100, timeout=60) is None  # never twice

@@ -54,6 +54,9 @@ class Fleet:
     workdir: Path
     runtime_path: str  # PYTHONPATH entry holding moe_runtime
     volumes: dict[str, str] = field(default_factory=dict)  # PVC claimName -> local directory
+    # Pods whose template this returns True for never start (a bad node, an image that will not run):
+    # they stay Pending and never become ready, as a rollout's broken group would.
+    refuse: Any = None
     period: float = 0.25
     _pods: dict[str, _Pod] = field(default_factory=dict)
     _next_ip: int = 2
@@ -134,6 +137,8 @@ class Fleet:
         pod = _Pod(name, self.namespace, ip, group, self.workdir / f"{name}-{self._next_ip}")
         self._pods[name] = pod
         self._patch_status(name, {"phase": "Pending", "podIP": ip, "podIPs": [{"ip": ip}]})
+        if self.refuse is not None and self.refuse(template):
+            return
         self._start(pod, template["spec"])
 
     # ---- kubelet ------------------------------------------------------------------------------------
