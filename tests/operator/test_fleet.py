@@ -21,7 +21,7 @@ from moe_operator.config import OperatorConfig
 from moe_operator.emulator import running_cluster
 from moe_operator.emulator.fleet import Fleet
 from moe_operator.pods import PodUnreachable, expert_load, placement
-from moe_runtime.placement import expert_load_from_slots, imbalance, rank_loads, round_robin
+from moe_runtime.placement import Placement, expert_load_from_slots, imbalance, rank_loads, round_robin
 from moe_runtime.testing import SkewedLoad, heldout_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,3 +202,36 @@ def test_a_rollout_whose_groups_never_get_ready_is_rolled_back(tmp_path):
     assert degraded["status"] == "True" and degraded["reason"] == "RolloutFailed"
     assert live.digest() == initial and live.version == status["placement"]["currentVersion"] == 2
     assert "RolloutFailed" in {e.get("reason") for e in events}
+
+
+@pytest.mark.timeout(240)
+def test_an_operator_restarted_mid_rollout_finishes_it(tmp_path):
+    """The operator died after writing placement revision 1 and recording it as the target, before any
+    group switched: the next operator applies it in place and makes it current."""
+    with running_cluster(tmp_path / "kubeconfig") as cluster:
+        _post(cluster.url, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD.read_text()))
+        config = OperatorConfig(kubeconfig=str(cluster.kubeconfig), load_poll_seconds=1.0, rpc_timeout_seconds=15.0)
+        deployment = yaml.safe_load(MANIFEST.read_text())
+        deployment["spec"]["rebalancing"]["imbalanceThreshold"] = 50.0  # no change of its own
+        path = "/apis/serving.moefleet.dev/v1alpha1/namespaces/default/moedeployments/demo"
+        fleet = Fleet(cluster.url, "default", tmp_path / "fleet", str(ROOT / "runtime"),
+                      volumes={"models": str(MODEL.parent)})
+        with fleet:
+            with running(config, ["default"]):
+                _post(cluster.url, path.rsplit("/", 1)[0], deployment)
+                _wait(lambda: (_get(cluster.url, path).get("status") or {}).get("readyReplicas") == 1, 120,
+                      "group ready")
+            initial = round_robin(4, 8, 2)
+            target = Placement(1, 2, 4, tuple(tuple(reversed(layer)) for layer in initial.slots))
+            _post(cluster.url, "/api/v1/namespaces/default/configmaps", {
+                "apiVersion": "v1", "kind": "ConfigMap", "immutable": True,
+                "metadata": {"name": "demo-placement-1", "labels": {"serving.moefleet.dev/deployment": "demo"}},
+                "data": {"placement.json": target.to_json()}})
+            _patch(cluster.url, path + "/status", {"status": {"placement": {"targetVersion": 1, "currentVersion": 0}}})
+            with running(config, ["default"]):
+                live = _wait(lambda: _serving_placement(f"{fleet.pod_ip('demo-g0-0')}:8003", 1), 60,
+                             "the leader on the target placement")
+                status = _wait(lambda: (s := _get(cluster.url, path).get("status") or {}).get("placement", {}).get(
+                    "currentVersion") == 1 and s, 60, "the rollout recorded as done")
+    assert live.same_body(target)
+    assert status["placement"]["targetVersion"] == 1
