@@ -24,6 +24,7 @@ from kmock._internal import apps, parsing, rendering
 
 from moe_operator.emulator import crd
 from moe_operator.emulator.crd import api_error
+from moe_operator.emulator.patching import merge_patch, strategic_merge_patch
 
 CRDS = kmock.resource('apiextensions.k8s.io', 'v1', 'customresourcedefinitions')
 NAMESPACES = kmock.resource('', 'v1', 'namespaces')
@@ -37,11 +38,7 @@ _BAD_NAME = ("a lowercase RFC 1123 subdomain must consist of lower case alphanum
              'and must start and end with an alphanumeric character')
 _NO_PROTOBUF = 'the emulator reads JSON and YAML only, not protobuf (for kubectl create, use kubectl apply)'
 _MODIFIED = 'the object has been modified; please apply your changes to the latest version and try again'
-# Strategic-merge keys of the lists in the operator's built-in objects (other lists are replaced whole).
-_MERGE_KEYS = {'containers': 'name', 'initContainers': 'name', 'ephemeralContainers': 'name', 'env': 'name',
-               'volumes': 'name', 'volumeMounts': 'mountPath', 'volumeDevices': 'devicePath',
-               'imagePullSecrets': 'name', 'conditions': 'type', 'ownerReferences': 'uid',
-               'hostAliases': 'ip', 'ports': 'containerPort'}
+
 
 
 # defect 1: kmock's parser raises on /api/v1/namespaces (kopf -n NS then retries forever) and reads
@@ -425,8 +422,8 @@ def _patched(old: dict[str, Any], request: rendering.Request, body: Any, custom:
         raise api_error(415, 'UnsupportedMediaType', 'strategic merge patch is not supported for custom '
                         'resources')
     if _content_type(request) in (SMP, APPLY) and not custom:  # server-side apply: approximated by SMP
-        return _strategic(old, body)
-    return _merge(old, body)
+        return strategic_merge_patch(old, body)
+    return merge_patch(old, body)
 
 
 def _admitted(old: dict[str, Any], new: dict[str, Any], request: rendering.Request, res: kmock.resource,
@@ -455,78 +452,6 @@ def _admitted(old: dict[str, Any], new: dict[str, Any], request: rendering.Reque
 
 def _spec(obj: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in obj.items() if key not in ('metadata', 'status')}
-
-
-def _merge(old: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(old) if isinstance(old, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = _merge(out.get(key), value)
-    return out
-
-
-def _strategic(old: Any, patch: Any) -> Any:
-    """Strategic merge patch, approximated: maps merge, lists with a known merge key merge by it, and the
-    `$patch`, `$setElementOrder/` and `$deleteFromPrimitiveList/` directives are honoured."""
-    if not isinstance(patch, dict) or not isinstance(old, dict) or patch.get('$patch') == 'replace':
-        return _plain(patch)
-    out = dict(old)
-    for key, value in patch.items():
-        if key.startswith('$'):
-            continue
-        if value is None or (isinstance(value, dict) and value.get('$patch') == 'delete'):
-            out.pop(key, None)
-        elif isinstance(value, list) and isinstance(out.get(key), list):
-            out[key] = _merge_list(key, out[key], value)
-        else:
-            out[key] = _strategic(out.get(key), value)
-    for key, value in patch.items():
-        field = key.partition('/')[2]
-        if key.startswith('$deleteFromPrimitiveList/') and isinstance(out.get(field), list):
-            out[field] = [item for item in out[field] if item not in value]
-        elif key.startswith('$setElementOrder/') and isinstance(out.get(field), list):
-            merge_key = _merge_key(field, value)
-            rank = {(item.get(merge_key) if merge_key else item): i for i, item in enumerate(value)
-                    if isinstance(item.get(merge_key) if merge_key else item, str | int)}
-            out[field] = sorted(out[field], key=lambda item: rank.get(
-                item.get(merge_key) if merge_key else item, len(rank)))
-    return out
-
-
-def _merge_list(field: str, old: list[Any], patch: list[Any]) -> list[Any]:
-    if field == 'finalizers':  # a primitive list with patchStrategy merge
-        return old + [item for item in patch if item not in old]
-    merge_key = _merge_key(field, old + patch)
-    if merge_key is None or any(item.get('$patch') == 'replace' for item in patch):
-        return [_plain(item) for item in patch if not (isinstance(item, dict) and '$patch' in item)]
-    out = list(old)
-    for item in patch:
-        index = next((i for i, o in enumerate(out) if o.get(merge_key) == item.get(merge_key)), None)
-        if item.get('$patch') == 'delete':
-            out = [o for i, o in enumerate(out) if i != index]
-        elif index is None:
-            out.append(_plain(item))
-        else:
-            out[index] = _strategic(out[index], item)
-    return out
-
-
-def _merge_key(field: str, items: list[Any]) -> str | None:
-    key = _MERGE_KEYS.get(field)
-    if field == 'ports' and not all(isinstance(i, dict) and 'containerPort' in i for i in items):
-        key = 'port'  # Service ports merge on port, container ports on containerPort
-    return key if key and all(isinstance(i, dict) and key in i for i in items) else None
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items() if not k.startswith('$')}
-    return [_plain(v) for v in value] if isinstance(value, list) else value
 
 
 def _header(request: rendering.Request, name: str) -> str:
