@@ -189,8 +189,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         parallel = ParallelConfig.from_env(os.environ, backend)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
-    if parallel is not None and (config.expert_buffering.enabled or config.record_trace):
-        raise ConfigError("expert_buffering and record_trace are not supported with expert parallelism yet")
+    if parallel is not None and config.record_trace:
+        raise ConfigError("record_trace is not supported with expert parallelism yet")
     if parallel is not None and not parallel.is_leader:
         return asyncio.run(run_follower(config, parallel))
     asyncio.run(run_until_signalled(config, parallel))

@@ -135,6 +135,16 @@ class EvictionPolicy:
         self.prefetch_loads += len(loads)
         return tuple(loads)
 
+    def forget(self, expert: int) -> None:
+        """Drop `expert` and its history: its id now names other weights (a re-placed slot under expert
+        parallelism). Its slot, if it held one, is free for the next load; the counters stay."""
+        slot = self._slot_of.pop(expert, None)
+        if slot is not None:
+            del self._inserted[expert]
+            self._free.append(slot)
+        self._last_use.pop(expert, None)
+        self._uses.pop(expert, None)
+
     def _load_misses(self, step: list[int], misses: list[int]) -> tuple[Load, ...]:
         return tuple([self._load(expert, self._victim(step, self.steps + 1)) for expert in misses])
 

@@ -76,6 +76,8 @@ class ExpertBufferingConfig:
     enabled: off by default. slots_per_layer: device expert slots per MoE layer (count), or
     gpu_memory_bytes: one budget in bytes split across layers (set at most one). policy: eviction,
     one of lifo (the paper's), lru, lfu, fifo. prefetch: predict layer l+1's experts from layer l.
+    Under expert parallelism both sizes are per rank, over the physical slots that rank holds (at most
+    its slots per rank are kept), and each rank buffers and counts its own slots.
     """
 
     enabled: bool = False

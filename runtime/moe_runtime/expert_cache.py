@@ -27,11 +27,12 @@ from moe_runtime.gating import ForcedRouting, Routing, forced_route
 PINNED_BLOCK_BYTES = 1 << 30  # pinned host memory is allocated in blocks of whole masters up to this size
 
 
-def resolve_slots(config: ExpertBufferingConfig, args, dtype: torch.dtype) -> int:
+def resolve_slots(config: ExpertBufferingConfig, args, dtype: torch.dtype, holds: int | None = None) -> int:
     """Slots per layer: `slots_per_layer`, or the `gpu_memory_bytes` budget split evenly over the layers.
 
-    More slots than experts buy nothing: clamped to E. Fewer than top_k cannot hold one token's experts
-    at once: a ConfigError naming both numbers.
+    More slots than experts buy nothing: clamped to `holds`, the experts a layer's pool serves (E; under
+    expert parallelism the rank's slots per layer). Fewer than top_k cannot hold one token's experts at
+    once: a ConfigError naming both numbers.
     """
     per_expert = args.expert_bytes(dtype)
     if config.slots_per_layer is not None:
@@ -43,7 +44,7 @@ def resolve_slots(config: ExpertBufferingConfig, args, dtype: torch.dtype) -> in
     if slots < args.top_k:
         raise ConfigError(f"expert_buffering: {source} fewer than top_k={args.top_k}: every expert a token "
                           f"is routed to must be resident at once")
-    return min(slots, args.num_experts)
+    return min(slots, args.num_experts if holds is None else holds)
 
 
 def _host_rows(count: int, numel: int, dtype: torch.dtype, pin: bool) -> list[torch.Tensor]:
@@ -234,16 +235,19 @@ class ExpertCache:
             self._load(load)
 
     def _score_prediction(self, topk_ids: torch.Tensor) -> None:
-        """Count the routings [T, K] that this step's prefetch predicted (on the device: no sync)."""
-        if self.prediction is None:
-            return
-        predicted, self.prediction = self.prediction, None
+        if self.prediction is not None:
+            predicted, self.prediction = self.prediction, None
+            self.score(predicted, topk_ids)
+
+    def score(self, predicted: torch.Tensor, topk_ids: torch.Tensor) -> None:
+        """Count the routings topk_ids [T, K] found among their token's predicted ids [T, K] (on the
+        device: no sync)."""
         self.recall_found += (topk_ids[:, :, None] == predicted[:, None, :]).any(dim=-1).sum()
         self.recall_total += topk_ids.numel()
 
 
-def _prefetch_hook(cache: ExpertCache, block, top_k: int):
-    """A forward pre-hook on block l predicting its experts before its attention runs.
+def predict_experts(cache: ExpertCache, block, x: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Block l's predicted top-k ids [T, K] from the residual stream x [B, S, H] entering it.
 
     Predictor (mixtral-offloading's speculative loading): layer l's own router, through layer l's
     ffn_norm, applied to the residual stream entering block l (= block l-1's output after its residual
@@ -251,19 +255,22 @@ def _prefetch_hook(cache: ExpertCache, block, top_k: int):
     [T, H] x [H, E] product, and the copies overlap that attention. Forced predictions (a recorded
     prefetch trace, next to a forced routing) replace it in benchmarks.
     """
+    _refuse_capture(x)
+    flat = x.reshape(-1, x.shape[-1])  # [T, H]
+    if cache.forced_prediction is not None:
+        return forced_route(cache.forced_prediction, flat.shape[0], block.moe.args.num_experts).topk_ids
+    logits = block.moe.router(block.ffn_norm(flat)).float()  # [T, E]
+    options = block.moe.route_options
+    if options is not None and options.expert_mask is not None:  # pruned experts (issue 9) never run
+        logits = logits.masked_fill(~options.expert_mask, float("-inf"))
+    return torch.topk(logits, top_k, dim=-1).indices  # [T, K], route()'s top-k ids
+
+
+def _prefetch_hook(cache: ExpertCache, block, top_k: int):
+    """A forward pre-hook on block l starting the copies of its predicted experts before its attention."""
 
     def hook(module, args) -> None:
-        x = args[0]  # [B, S, H]
-        _refuse_capture(x)
-        flat = x.reshape(-1, x.shape[-1])  # [T, H]
-        if cache.forced_prediction is not None:
-            predicted = forced_route(cache.forced_prediction, flat.shape[0], len(cache.masters)).topk_ids
-        else:
-            logits = block.moe.router(block.ffn_norm(flat)).float()  # [T, E]
-            options = block.moe.route_options
-            if options is not None and options.expert_mask is not None:  # pruned experts (issue 9) never run
-                logits = logits.masked_fill(~options.expert_mask, float("-inf"))
-            predicted = torch.topk(logits, top_k, dim=-1).indices  # [T, K], route()'s top-k ids
+        predicted = predict_experts(cache, block, args[0], top_k)  # [T, K]
         # Host sync: the pool plans on the host. Rank-major (every token's first choice, then every
         # token's second, ...), the order cache-sim replays a step's predictions in.
         cache.prefetch(predicted.t().reshape(-1).tolist())
@@ -278,10 +285,12 @@ def _prefetch_hook(cache: ExpertCache, block, top_k: int):
 class ExpertCacheStats:
     """Counters since the pools were (re)configured; per-layer lists are [L].
 
-    hits / misses: distinct experts needed per step and layer, resident or not (cache-sim's counters);
+    hits / misses: distinct experts needed per step and layer, resident or not (cache-sim's counters;
+    under expert parallelism, parallel_buffering's: distinct local slots on this rank);
     prefetch_loads: copies issued by prefetch, useful or not; copied_bytes: every host-to-device byte;
     copy_seconds: the copy stream's busy time; stall_seconds: compute waiting for copies (CPU: all copy
-    time); prefetch_recall: fraction of routings (token, layer, choice) predicted, None without prefetch.
+    time); prefetch_recall: fraction of routings (token, layer, choice) predicted, None without prefetch
+    (under expert parallelism: of this rank's token shard).
     """
 
     slots_per_layer: int
@@ -336,19 +345,28 @@ class ExpertBuffering:
         Benchmarks sweep slot counts and policies this way without re-pinning the masters.
         """
         args = self.model.args
-        if not args.top_k <= slots_per_layer <= args.num_experts:
-            raise ConfigError(f"expert_buffering: slots_per_layer={slots_per_layer} must be between "
-                              f"top_k={args.top_k} and num_experts={args.num_experts}")
+        self._check_slots(slots_per_layer)
         self.close()
         copier = Copier(self.device)
         shape = (args.intermediate_size, args.hidden_size)
         self.caches = [ExpertCache(m, slots_per_layer, policy, shape, self.device, copier) for m in self.masters]
         self.copier, self.slots_per_layer, self.policy, self.prefetch = copier, slots_per_layer, policy, prefetch
-        for block, cache in zip(self.model.layers, self.caches):
+        for layer, (block, cache) in enumerate(zip(self.model.layers, self.caches)):
             block.moe.expert_cache = cache
             if prefetch:
-                self._hooks.append(block.register_forward_pre_hook(_prefetch_hook(cache, block, args.top_k)))
+                self._hooks.append(block.register_forward_pre_hook(self._hook_for(layer, cache, block)))
         self.force_predictions(self.predictions)
+
+    def _check_slots(self, slots_per_layer: int) -> None:
+        """ConfigError unless one layer's pool size is usable (parallel_buffering bounds it per rank)."""
+        args = self.model.args
+        if not args.top_k <= slots_per_layer <= args.num_experts:
+            raise ConfigError(f"expert_buffering: slots_per_layer={slots_per_layer} must be between "
+                              f"top_k={args.top_k} and num_experts={args.num_experts}")
+
+    def _hook_for(self, layer: int, cache: ExpertCache, block):
+        """Block `layer`'s prefetch pre-hook (parallel_buffering maps the predictions to a rank's slots)."""
+        return _prefetch_hook(cache, block, self.model.args.top_k)
 
     def force_predictions(self, trace) -> None:
         """Prefetch from a recorded prediction trace ([N, L', K], layers modulo, from its first token)
@@ -395,28 +413,37 @@ def enable_expert_buffering(model, config: ExpertBufferingConfig, device=None) -
     """
     if not config.enabled:
         return None
-    _check_bufferable(model)
-    args = model.args
+    check_bufferable(model)
     device = torch.device(device) if device is not None else model.output.weight.device
-    dtype = model.layers[0].moe.w13.dtype
-    slots = resolve_slots(config, args, dtype)
-    f, h, e = args.intermediate_size, args.hidden_size, args.num_experts
-    rows = _host_rows(args.num_layers * e, 3 * f * h, dtype, pin=device.type == "cuda")
-    masters = [rows[layer * e : (layer + 1) * e] for layer in range(args.num_layers)]
-    for block, layer_masters in zip(model.layers, masters):
-        _pack(block.moe, layer_masters, device)
-    buffering = ExpertBuffering(model, masters, device)
+    slots = resolve_slots(config, model.args, model.layers[0].moe.w13.dtype)
+    buffering = ExpertBuffering(model, host_masters(model, device), device)
     buffering.configure(slots, config.policy, config.prefetch)
     model.expert_buffering = buffering
     return buffering
 
 
-def _check_bufferable(model) -> None:
+def host_masters(model, device: torch.device) -> list[list[torch.Tensor]]:
+    """Every expert of every layer packed into one host row [3FH] each, [L][E], pinned when `device` is
+    CUDA; the model's own expert tensors are then emptied (device slots replace them)."""
+    args = model.args
+    dtype = model.layers[0].moe.w13.dtype
+    f, h, e = args.intermediate_size, args.hidden_size, args.num_experts
+    rows = _host_rows(args.num_layers * e, 3 * f * h, dtype, pin=device.type == "cuda")
+    masters = [rows[layer * e : (layer + 1) * e] for layer in range(args.num_layers)]
+    for block, layer_masters in zip(model.layers, masters):
+        _pack(block.moe, layer_masters, device)
+    return masters
+
+
+def check_bufferable(model) -> None:
+    """ConfigError unless `model` can buffer its experts: once, not behind a parallel hook already
+    installed (expert parallelism buffers through parallel.ExpertParallel), with dynamic gating."""
     if model.expert_buffering is not None:
         raise ConfigError("expert buffering is already enabled on this model")
     if any(moe.parallel is not None for moe in model.moe_blocks):
-        raise ConfigError("expert buffering is not combined with expert parallelism yet (issue 5): "
-                          "disable expert_buffering or run one rank")
+        raise ConfigError("expert buffering cannot be added behind a parallel hook: under expert "
+                          "parallelism pass expert_buffering to parallel.ExpertParallel (each rank buffers "
+                          "its own slots); expert slicing does not buffer")
     if model.gating.mode != "dynamic":
         raise ConfigError(f"expert buffering runs the dynamic gating path; gating.mode is {model.gating.mode!r}")
 

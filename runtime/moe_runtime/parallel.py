@@ -6,7 +6,8 @@ routes its shard, sends token-slots to the ranks holding their experts' physical
 all_to_all over variable splits (the paper's dynamic gating under EP), runs the local slots, sends results
 back, combines, and all-gathers the shards. A placement maps physical slots to logical experts; a hot
 expert's replicas split its tokens evenly. Weights of every expert stay in a host store (pinned on CUDA)
-from which live re-placement fills spare buffers, switched at a step boundary.
+from which live re-placement fills spare buffers, switched at a step boundary. With expert buffering each
+rank serves its slots from a smaller pool of device buffers instead (parallel_buffering.py, issue 5).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from moe_runtime.config import ExpertBufferingConfig
 from moe_runtime.experts import run_experts
 from moe_runtime.gating import route
+from moe_runtime.parallel_buffering import enable_rank_buffering
 from moe_runtime.placement import Placement
 
 # T tokens, K top-k, E experts, H hidden, F ffn, W ranks, S slots per rank, P = W*S physical slots,
@@ -80,10 +83,23 @@ def _replica_tables(held: tuple[int, ...], num_experts: int, device) -> tuple[to
             torch.tensor([len(r) for r in replicas], dtype=torch.long, device=device))
 
 
+def _host_store(model, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every expert's weights per layer (w13 [E, 2F, H], w2 [E, H, F]), read-only masters (pinned so
+    copies can be async on CUDA)."""
+    store = []
+    for moe in model.moe_blocks:
+        w13, w2 = moe.w13.detach(), moe.w2.detach()
+        if device.type == "cuda":
+            w13, w2 = w13.cpu().pin_memory(), w2.cpu().pin_memory()
+        store.append((w13, w2))
+    return store
+
+
 class ExpertParallel:
     """This rank's expert slots for every MoE layer, the dispatch/combine and live re-placement."""
 
-    def __init__(self, model, placement: Placement, rank: int, world_size: int):
+    def __init__(self, model, placement: Placement, rank: int, world_size: int,
+                 buffering: ExpertBufferingConfig | None = None):
         args = model.args
         placement.validate(args.num_experts, args.num_layers)
         if placement.num_ranks != world_size:
@@ -92,13 +108,10 @@ class ExpertParallel:
         device = model.output.weight.device
         self.device = device
         self.copied_bytes = 0
-        # Host store: every expert's weights, read-only masters (pinned so copies can be async on CUDA).
-        self.store = []
-        for moe in model.moe_blocks:
-            w13, w2 = moe.w13.detach(), moe.w2.detach()
-            if device.type == "cuda":
-                w13, w2 = w13.cpu().pin_memory(), w2.cpu().pin_memory()
-            self.store.append((w13, w2))
+        # Expert buffering (issue 5): this rank's slots live in host masters and load into a fixed pool
+        # of device buffers on demand; it then owns the host store (packed rows) and `store` stays None.
+        self.buffering = enable_rank_buffering(model, buffering, placement, rank, device)
+        self.store = None if self.buffering is not None else _host_store(model, device)
         self.placement = placement
         self._install(placement, count=False)  # only the slot buffers stay on the device under EP
         for moe in model.moe_blocks:
@@ -106,8 +119,21 @@ class ExpertParallel:
         self.slot_load = torch.zeros(args.num_layers, placement.slots_per_rank, dtype=torch.int64, device=device)
 
     def _install(self, placement: Placement, count: bool = True) -> None:
-        """Fill fresh slot buffers for `placement` (copies from local buffers or the host store), then
-        switch to them. Called at a step boundary, so no forward sees a half-copied buffer."""
+        """Switch to `placement` at a step boundary. Buffered: the rank's masters are re-pointed and its
+        pools forget changed slots, which load on their next miss (nothing is copied here)."""
+        copied = 0
+        if self.buffering is not None:
+            self.buffering.place(placement)
+        else:
+            copied = self._fill_slots(placement, count)
+        self.tables = [_replica_tables(held, self.model.args.num_experts, self.device) for held in placement.slots]
+        self.placement = placement
+        self.copied_bytes += copied
+        self.last_copied = copied
+
+    def _fill_slots(self, placement: Placement, count: bool) -> int:
+        """Fill fresh slot buffers for `placement` from the host store and switch the MoE blocks to them;
+        returns the bytes of experts new to this rank. No forward sees a half-copied buffer."""
         s = placement.slots_per_rank
         mine = slice(self.rank * s, (self.rank + 1) * s)
         new13, new2, copied = [], [], 0
@@ -132,13 +158,11 @@ class ExpertParallel:
         for i, moe in enumerate(self.model.moe_blocks):
             moe.w13 = torch.nn.Parameter(new13[i], requires_grad=False)
             moe.w2 = torch.nn.Parameter(new2[i], requires_grad=False)
-        self.tables = [_replica_tables(held, self.model.args.num_experts, self.device) for held in placement.slots]
-        self.placement = placement
-        self.copied_bytes += copied
-        self.last_copied = copied
+        return copied
 
     def apply(self, placement: Placement) -> int:
-        """Switch to `placement` (all ranks call this at the same step); bytes copied on this rank."""
+        """Switch to `placement` (all ranks call this at the same step); bytes copied on this rank (0 when
+        buffered: new experts load on demand, counted in the rank's expert-cache stats)."""
         placement.validate(self.model.args.num_experts, self.model.args.num_layers)
         if placement.slots_per_rank != self.placement.slots_per_rank:
             self.slot_load = torch.zeros(self.model.args.num_layers, placement.slots_per_rank,
@@ -154,6 +178,8 @@ class ExpertParallel:
         shard = x[start:end]  # [Tr, H]
         routing = route(moe.router(shard), moe.args.top_k, renormalize=moe.args.norm_topk_prob)
         moe.expert_load += routing.expert_counts
+        if self.buffering is not None:
+            self.buffering.score(layer, routing.topk_ids, start, end)
         k = routing.topk_ids.shape[1]
         table, count = self.tables[layer]
         # Replica choice: spread an expert's token-slots round-robin over its replicas (global slot index,
@@ -174,9 +200,13 @@ class ExpertParallel:
         xr = xs.new_empty((sum(recv_rows), x.shape[1]))
         dist.all_to_all_single(xr, xs, output_split_sizes=recv_rows, input_split_sizes=send_rows)
         local_ids = torch.arange(s, device=x.device).repeat(w).repeat_interleave(recv_counts.reshape(-1))  # [N]
-        self.slot_load[layer] += recv_counts.sum(0)
-        ones = torch.ones((xr.shape[0], 1), dtype=torch.float32, device=x.device)
-        yr, _ = run_experts(xr, moe.w13, moe.w2, ones, local_ids[:, None])  # [N, H]
+        slot_rows = recv_counts.sum(0)  # [S]
+        self.slot_load[layer] += slot_rows
+        if self.buffering is not None:
+            yr = self.buffering.run(layer, xr, local_ids, slot_rows)  # [N, H]
+        else:
+            ones = torch.ones((xr.shape[0], 1), dtype=torch.float32, device=x.device)
+            yr, _ = run_experts(xr, moe.w13, moe.w2, ones, local_ids[:, None])  # [N, H]
         ys = yr.new_empty((xs.shape[0], x.shape[1]))
         dist.all_to_all_single(ys, yr, output_split_sizes=send_rows, input_split_sizes=recv_rows)
         weights = routing.topk_weights.reshape(-1)[order, None].to(ys.dtype)

@@ -421,8 +421,9 @@ class RuntimeServer:
             engine = Engine(model, cfg.serving, on_step=self._observe_step)
             control = ExpertController(engine, placement)
         else:
+            ep = ExpertParallel(model, placement, 0, world, buffering=cfg.expert_buffering)  # config errors first
             init_group(self.parallel)
-            self._lockstep = lockstep = Lockstep(model, ExpertParallel(model, placement, 0, world))
+            self._lockstep = lockstep = Lockstep(model, ep)
             lockstep.lead()
             engine = Engine(model, cfg.serving, on_step=self._observe_step, on_idle=lockstep.heartbeat,
                             on_error=_exit_group)
@@ -446,11 +447,13 @@ class RuntimeServer:
             engine.model.reset_counters()
 
     def _buffer_and_record(self, model: Transformer) -> None:
-        """Expert buffering and the routing trace (issue 5), both set up before the first step."""
+        """Expert buffering and the routing trace (issue 5), both set up before the first step. Under
+        expert parallelism each rank buffers its own slots: ExpertParallel sets that up."""
         cfg = self.config
-        if self.parallel is not None and (cfg.expert_buffering.enabled or cfg.record_trace):
-            raise ConfigError("expert_buffering and record_trace are not supported with expert parallelism yet")
-        enable_expert_buffering(model, cfg.expert_buffering)
+        if self.parallel is not None and cfg.record_trace:
+            raise ConfigError("record_trace is not supported with expert parallelism yet")
+        if self.parallel is None:
+            enable_expert_buffering(model, cfg.expert_buffering)
         self._recorder = TraceRecorder(model) if cfg.record_trace else None
 
     def _observe_step(self, engine: Engine) -> None:
@@ -519,9 +522,10 @@ async def run_follower(config: RuntimeConfig, parallel: ParallelConfig) -> int:
     def join() -> Lockstep:
         model = load_model(config.model, device=config.device, dtype=getattr(torch, config.dtype),
                            gating=config.gating, seed=config.seed)
-        init_group(parallel)
         placement = initial_placement(config, model.args, parallel.world_size)
-        return Lockstep(model, ExpertParallel(model, placement, parallel.rank, parallel.world_size))
+        ep = ExpertParallel(model, placement, parallel.rank, parallel.world_size, buffering=config.expert_buffering)
+        init_group(parallel)  # after the config errors ExpertParallel may raise, as on the leader
+        return Lockstep(model, ep)
 
     lockstep = await asyncio.to_thread(join)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -110,6 +110,27 @@ def test_policies_evict_as_their_definitions_say_on_a_separating_trace(policy, e
     )
 
 
+@pytest.mark.parametrize("policy", ONLINE_POLICIES)
+def test_a_forgotten_expert_frees_its_slot_and_misses_next_time(policy):
+    pool = make_policy(policy, 2)
+    pool.access([0, 1])
+    pool.forget(1)  # expert 1's id now names other weights (a re-placed slot under expert parallelism)
+    pool.forget(5)  # never resident: nothing to free
+    assert pool.resident == {0: 0}
+    plan = pool.access([1, 2])  # the freed slot is reused; no resident expert is evicted for it
+    assert plan.misses == (1, 2) and plan.loads[0] == Load(1, 1, None) and plan.loads[1].evicted == 0
+    assert (pool.hits, pool.misses, pool.evictions) == (0, 4, 1)  # the counters survive a forget
+
+
+def test_lfu_forgets_the_uses_of_a_forgotten_expert():
+    pool = make_policy("lfu", 2)
+    for step in ([0], [0], [0], [1], [2], [2]):  # 0 has 3 uses, 2 has 2; 1 was evicted for 2
+        pool.access(step)
+    pool.forget(0)
+    pool.access([0])  # reloaded with 1 use: its 3 earlier uses were another expert's
+    assert pool.access([3]).loads[0].evicted == 0
+
+
 def test_lfu_counts_uses_since_the_start_not_since_loaded():
     # 0 is evicted at step 7 and reloaded at step 8 with 4 uses in all; 1 also has 4 but is older.
     steps = [[0], [0], [0], [1], [1], [1], [1], [2], [0], [3]]
