@@ -111,6 +111,9 @@ class ServingConfig:
     requests before RESOURCE_EXHAUSTED (count). max_tokens_limit: largest max_tokens a request may ask
     (count). max_seq_len: KV cache length per sequence, prompt + generated (tokens).
     drain_grace_seconds: SIGTERM/Drain waits this long for in-flight requests (seconds).
+    switch_interval_ms: the server process's interpreter switch interval (sys.setswitchinterval;
+    milliseconds): the engine thread gets the interpreter lock back this soon after a device wait while
+    the gRPC thread streams tokens (Python's default, 5 ms, leaves the device idle between steps).
     """
 
     host: str = "0.0.0.0"
@@ -124,6 +127,7 @@ class ServingConfig:
     max_tokens_limit: int = 1024
     max_seq_len: int = 2048
     drain_grace_seconds: float = 30.0
+    switch_interval_ms: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "metrics_port", "admin_port"):
@@ -136,6 +140,8 @@ class ServingConfig:
                 raise ConfigError(f"serving.{name} must be >= 1, got {getattr(self, name)}")
         if self.drain_grace_seconds < 0:
             raise ConfigError(f"serving.drain_grace_seconds must be >= 0, got {self.drain_grace_seconds}")
+        if not self.switch_interval_ms > 0:
+            raise ConfigError(f"serving.switch_interval_ms must be > 0, got {self.switch_interval_ms}")
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,20 @@ class DecodeGraphs:
         b = len(positions)
         return graph.logits[:b], graph.greedy_ids[:b]
 
+    def capture_buckets(self, model: Transformer) -> int:
+        """Capture up front every batch bucket's graphs (cache rows in order or not, padded or not) for the
+        shortest attended-length bucket, so that no request of a server waits for a capture; longer
+        contexts are captured when first seen. Returns the number of graphs."""
+        kv_len = min(model.max_cache_len, MIN_KV_BUCKET)
+        pad_ok = not model.args.sliding_window
+        for padded_to in self.buckets:
+            for contiguous in (True, False):
+                for padded in (False, True) if padded_to > 1 and pad_ok else (False,):
+                    key = (padded_to, kv_len, contiguous, padded)
+                    if key not in self.graphs and key not in self.declined:
+                        self._capture(model, key)
+        return len(self.graphs)
+
     def _key(self, model: Transformer, positions: list[int], slots: list[int]) -> tuple | None:
         b, m = len(positions), model.max_cache_len
         if not 0 < b <= self.max_batch:
@@ -224,3 +238,9 @@ def decode_graphs(model: Transformer) -> DecodeGraphs | None:
     if graphs is None or graphs.memory != memory or graphs.max_batch != model.max_batch:
         graphs = _GRAPHS[model] = DecodeGraphs(model, memory)
     return graphs
+
+
+def capture_decode_graphs(model: Transformer) -> int:
+    """DecodeGraphs.capture_buckets for the model's current cache; 0 where graphs do not apply."""
+    graphs = decode_graphs(model)
+    return 0 if graphs is None else graphs.capture_buckets(model)

@@ -69,6 +69,14 @@ def validate_prompt(prompt_ids: list[int], params: SamplingParams, model: Transf
         raise InvalidRequest(unsupported_reason(model))
 
 
+def to_device(values: list[int] | list[float], device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without waiting for the work queued on the device (a pinned,
+    non-blocking copy on CUDA; a plain copy waits for the stream)."""
+    if device.type != "cuda":
+        return torch.tensor(values, device=device)
+    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     if seed is None:
@@ -91,8 +99,6 @@ def sample(
     """
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
-    if not bool((temperature > 0).any()):  # host read of a tiny flag; the greedy fast path
-        return greedy
     probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     keep = (sorted_p.cumsum(-1) - sorted_p) < top_p[:, None]  # always keeps the top token
@@ -113,14 +119,34 @@ def prefill(model: Transformer, prompt_ids: list[int], slot: int, *, contrast_al
     SCMoE's contrasted scores."""
     device = model.output.weight.device
     n = len(prompt_ids)
-    tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    tokens = to_device(prompt_ids, device)[None]
     pos = torch.arange(n, device=device)[None]
-    slots = None if slot == 0 else torch.tensor([slot], device=device)
+    slots = None if slot == 0 else to_device([slot], device)
     logits = model(tokens, pos, slots, kv_len=n, last_only=True)[0, -1]
     if contrast_alpha > 0:
         weak = weak_model(model).forward(model, tokens, pos, slots, kv_len=n, last_only=True)[0, -1]
         logits = contrast_logits(logits[None], weak[None], contrast_alpha)[0]
     return logits
+
+
+@torch.inference_mode()
+def prefill_batch(model: Transformer, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+    """Several prompts in one forward, right-padded to the longest, each into its cache row `slots[i]`;
+    logits [A, V] of each prompt's last token.
+
+    The padding never reaches the experts (token_index: it is neither computed nor counted as load) and
+    writes only cache positions after its row's prompt, which decode overwrites before it attends them.
+    Not for expert-parallel leaders (followers replay plain forwards) or SCMoE rows: prefill() those."""
+    device = model.output.weight.device
+    a, s = len(prompts), max(len(p) for p in prompts)
+    tokens = to_device([t for p in prompts for t in p + [0] * (s - len(p))], device).view(a, s)
+    pos = torch.arange(s, device=device).expand(a, s)
+    slot_t = None if slots == list(range(a)) else to_device(slots, device)
+    real = None
+    if any(len(p) < s for p in prompts):
+        real = to_device([i * s + j for i, p in enumerate(prompts) for j in range(len(p))], device)
+    last = to_device([i * s + len(p) - 1 for i, p in enumerate(prompts)], device)
+    return model(tokens, pos, slot_t, kv_len=s, token_index=real, output_index=last)
 
 
 @dataclass
@@ -150,12 +176,12 @@ def decode(
     replayed = graphs.run(model, tokens, positions, slots) if graphs is not None else None
     device = model.output.weight.device
     if not isinstance(tokens, torch.Tensor):
-        tokens = torch.tensor(tokens, device=device)
+        tokens = to_device(tokens, device)
     if replayed is not None:
         out = DecodeOutput(*replayed, static=True)
     else:
-        pos = torch.tensor(positions, device=device)[:, None]
-        slot_t = None if slots == list(range(len(slots))) else torch.tensor(slots, device=device)
+        pos = to_device(positions, device)[:, None]
+        slot_t = None if slots == list(range(len(slots))) else to_device(slots, device)
         out = DecodeOutput(model(tokens[:, None], pos, slot_t, kv_len=max(positions) + 1)[:, -1])
     if contrast_alphas is not None and any(a > 0 for a in contrast_alphas):
         out = _contrasted(model, out, tokens, positions, slots, contrast_alphas)
@@ -193,8 +219,7 @@ def next_tokens(
     if not any(t > 0 for t in temperatures):
         return out.greedy_ids if out.greedy_ids is not None else out.logits.float().argmax(dim=-1)
     device = out.logits.device
-    return sample(out.logits, torch.tensor(temperatures, device=device), torch.tensor(top_ps, device=device),
-                  generators)
+    return sample(out.logits, to_device(temperatures, device), to_device(top_ps, device), generators)
 
 
 def generate(

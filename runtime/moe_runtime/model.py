@@ -271,8 +271,15 @@ class MoEBlock(nn.Module):
         # Issue 9: adaptive top-p, pruned experts or SCMoE's weak routing (routing_policy.py, contrast.py).
         self.route_options: RouteOptions | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, S, H] -> the routed experts' output, plus the gated shared expert's where there is one."""
+    def forward(self, x: torch.Tensor, token_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, S, H] -> the routed experts' output, plus the gated shared expert's where there is one.
+
+        token_index [T] (flat indices into B*S): only those tokens are routed, counted and computed; the
+        others (a batched prefill's padding) get zeros."""
+        if token_index is not None:
+            flat = x.reshape(-1, x.shape[-1])
+            out = self.forward(flat.index_select(0, token_index)[None])[0]  # [T, H]
+            return torch.zeros_like(flat).index_copy_(0, token_index, out).view(x.shape)
         out = self._routed(x)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
@@ -311,9 +318,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.moe = MoEBlock(args, gating)
 
-    def forward(self, x, cos, sin, mask, input_pos, slots, kv_len: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, input_pos, slots, kv_len: int, token_index=None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, slots, kv_len)
-        return x + self.moe(self.ffn_norm(x))
+        return x + self.moe(self.ffn_norm(x), token_index)
 
 
 class Transformer(nn.Module):
@@ -400,12 +407,20 @@ class Transformer(nn.Module):
         slots: torch.Tensor | None = None,
         kv_len: int | None = None,
         last_only: bool = False,
+        token_index: torch.Tensor | None = None,
+        output_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [B, S] at positions input_pos [B, S] of cache rows `slots` [B] (None: rows 0..B-1).
 
         kv_len bounds the cache positions attended (callers know it on the host: max position + 1).
         Returns logits [B, S, V] in the model dtype ([B, 1, V], the last position's, with last_only).
+        token_index [T]: flat indices (into B*S) of the real tokens, the only ones the experts see (a
+        batched prefill's padding is not load); output_index [R]: flat indices of the tokens whose
+        logits are returned, as [R, V]. Neither is broadcast to expert-parallel followers: the leader's
+        callers leave them unset there.
         """
+        if (token_index is not None or output_index is not None) and self.step_hook is not None:
+            raise ConfigError("token_index/output_index are not replayed by expert-parallel followers")
         # Attended length rounded up to a multiple of KV_LEN_ALIGN (the mask hides the extra positions):
         # attention backends that build a plan per shape (cuDNN) would otherwise re-plan every step.
         kv_len = min(self.max_cache_len, -(-(kv_len or self.max_cache_len) // KV_LEN_ALIGN) * KV_LEN_ALIGN)
@@ -419,7 +434,9 @@ class Transformer(nn.Module):
         mask = mask[:, None]  # [B, 1, S, kv_len]
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos, slots, kv_len)
-        if last_only:  # prefill samples from the last position only: skip the output head elsewhere
+            x = layer(x, cos, sin, mask, input_pos, slots, kv_len, token_index)
+        if output_index is not None:
+            x = x.reshape(-1, x.shape[-1]).index_select(0, output_index)  # [R, H]
+        elif last_only:  # prefill samples from the last position only: skip the output head elsewhere
             x = x[:, -1:]
         return self.output(self.norm(x))

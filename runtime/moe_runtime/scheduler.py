@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_runtime.config import ServingConfig
+from moe_runtime.cuda_graphs import capture_decode_graphs
 from moe_runtime.errors import CapacityExceeded, InvalidRequest, ModelNotReady
 from moe_runtime.generate import (
     DecodeOutput,
@@ -26,6 +27,8 @@ from moe_runtime.generate import (
     make_generator,
     next_tokens,
     prefill,
+    prefill_batch,
+    to_device,
     validate_prompt,
 )
 from moe_runtime.model import Transformer
@@ -38,6 +41,26 @@ class TokenEvent:
     token_ids: list[int]
     finish_reason: str | None = None  # "length" | "stop" | "cancelled"
     error: Exception | None = None
+
+
+class _Readback:
+    """One launch's next ids [n] for `requests`, on their way to the host: on CUDA a non-blocking copy
+    into pinned memory and an event, so the host reads them while the next launch runs."""
+
+    def __init__(self, requests: list[Request], device_ids: torch.Tensor):
+        self.requests, self.device_ids = requests, device_ids
+        if device_ids.is_cuda:
+            self._host = torch.empty(device_ids.shape, dtype=device_ids.dtype, pin_memory=True)
+            self._host.copy_(device_ids, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = device_ids, None
+
+    def ids(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
 
 
 @dataclass
@@ -53,6 +76,9 @@ class Request:
     slot: int | None = None
     _stop_reason: str | None = None
     _generator: torch.Generator | None = None
+    _in_flight: int = 0  # tokens launched on the device and not yet handed out
+    _last: tuple[_Readback, int] | None = None  # where the newest in-flight token is: (launch, row)
+    _finished: bool = False
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Ask the engine to end this request at the next step boundary (thread-safe flag)."""
@@ -96,6 +122,7 @@ class Engine:
         self._ids = itertools.count()
         self._accepting, self._stopped = True, False
         self._on_step = on_step
+        self._launched: _Readback | None = None  # the last decode launch: handed out in the next step
         self._thread = threading.Thread(target=self._loop, name="moe-engine", daemon=True)
 
     # ---- caller side -------------------------------------------------------------------------
@@ -137,6 +164,13 @@ class Engine:
             self._tasks.append((fn, future))
             self._cv.notify()
         return future
+
+    def capture_graphs(self) -> int:
+        """Capture the decode graphs of every batch bucket now, in the engine thread (a server does this
+        while it warms up, before it reports SERVING); returns how many exist (0 without graphs)."""
+        if not self.cuda_graphs:
+            return 0
+        return self.call_soon(lambda: capture_decode_graphs(self.model)).result()
 
     def stop_accepting(self) -> None:
         with self._cv:
@@ -206,22 +240,35 @@ class Engine:
                 future.set_exception(exc)
 
     def step(self) -> None:
-        """One engine step: drop ended requests, admit new ones (prefill), decode the running batch."""
+        """One engine step: drop ended requests, admit new ones (prefill), launch the running batch's
+        decode, then hand out the tokens of the step before it while this one runs on the device."""
         with self.lock:
-            self._run_tasks()
+            if self._tasks:
+                self._settle()  # a control op sees every launched step done and handed out
+                self._run_tasks()
             self._retire_ended()
-            admitted = self._admit()
-            decoding = [r for r in self._running if r not in admitted]
-            if decoding:
-                self._decode(decoding)
+            first = self._admit()
+            launched = self._launch_decode()
+            if self._launched is not None:
+                self._hand_out(self._launched)
+            if first is not None:
+                self._hand_out(first)
+            self._launched = launched
             self._retire_ended()
         if self._on_step is not None:
             self._on_step(self)
         with self._cv:
             self._cv.notify_all()
 
-    def _admit(self) -> list[Request]:
-        """Prefill waiting requests into free rows within the step's token budget."""
+    def _settle(self) -> None:
+        if self._launched is not None:
+            self._hand_out(self._launched)
+            self._launched = None
+            self._retire_ended()
+
+    def _admit(self) -> _Readback | None:
+        """Prefill waiting requests into free rows within the step's token budget; their first tokens
+        stay on the device (a readback on its way to the host)."""
         budget = self.serving.max_batch_tokens - len(self._running)
         admitted: list[Request] = []
         while self._free_slots:
@@ -238,23 +285,93 @@ class Engine:
                 continue
             req.slot = self._free_slots.pop(0)
             self._running.append(req)
-            logits = prefill(self.model, req.prompt_ids, req.slot, contrast_alpha=req.params.contrast_alpha)
-            self._emit([req], DecodeOutput(logits[None]))
             budget -= len(req.prompt_ids)
             admitted.append(req)
-        return admitted
+        if not admitted:
+            return None
+        logits = torch.cat([self._prefill(group) for group in self._prefill_groups(admitted)])
+        return self._sampled(admitted, DecodeOutput(logits))
 
-    def _decode(self, batch: list[Request]) -> None:
-        out = decode(self.model, [r.output_ids[-1] for r in batch], [r.position for r in batch],
+    def _prefill_groups(self, admitted: list[Request]) -> list[list[Request]]:
+        """Consecutive requests that prefill together: one forward each group, right-padded, while the
+        padding stays below the real tokens and the padded size within max_batch_tokens. Requests that
+        need their own forward (SCMoE, expert-parallel leaders) are groups of one."""
+        alone = self.model.step_hook is not None
+        groups: list[list[Request]] = []
+        for req in admitted:
+            group = groups[-1] if groups else None
+            if group and not alone and req.params.contrast_alpha == 0 and group[0].params.contrast_alpha == 0:
+                longest = max(len(req.prompt_ids), *(len(r.prompt_ids) for r in group))
+                real = len(req.prompt_ids) + sum(len(r.prompt_ids) for r in group)
+                padded = longest * (len(group) + 1)
+                if padded <= max(2 * real, 1) and padded <= self.serving.max_batch_tokens:
+                    group.append(req)
+                    continue
+            groups.append([req])
+        return groups
+
+    def _prefill(self, group: list[Request]) -> torch.Tensor:
+        """Logits [len(group), V] of each request's last prompt token."""
+        if len(group) == 1:
+            req = group[0]
+            return prefill(self.model, req.prompt_ids, req.slot, contrast_alpha=req.params.contrast_alpha)[None]
+        return prefill_batch(self.model, [r.prompt_ids for r in group], [r.slot for r in group])
+
+    def _launch_decode(self) -> _Readback | None:
+        """Decode every running request that still needs a token, its input token taken on the device
+        from the launch that made it (no host read): the launch before is still in flight."""
+        batch = [r for r in self._running if r._stop_reason is None
+                 and len(r.output_ids) + r._in_flight < r.params.max_new_tokens]
+        if not batch:
+            return None
+        out = decode(self.model, self._last_tokens(batch), [r.position + r._in_flight for r in batch],
                      [r.slot for r in batch], cuda_graphs=self.cuda_graphs,
                      contrast_alphas=[r.params.contrast_alpha for r in batch])
-        self._emit(batch, out)
+        return self._sampled(batch, out)
 
-    def _emit(self, batch: list[Request], out: DecodeOutput) -> None:
+    def _last_tokens(self, batch: list[Request]) -> torch.Tensor:
+        """Each request's newest token [B] on the device: from the launch that made it, or the host."""
+        sources: list[torch.Tensor] = []
+        offsets: dict[int, int] = {}  # id(readback) -> where its ids start in the concatenation
+        total, index, host = 0, [], []
+        for req in batch:
+            if req._last is None:  # read already: the host has it
+                index.append(None)
+                host.append(req.output_ids[-1])
+                continue
+            readback, i = req._last
+            if id(readback) not in offsets:
+                offsets[id(readback)] = total
+                sources.append(readback.device_ids)
+                total += len(readback.device_ids)
+            index.append(offsets[id(readback)] + i)
+        if host:
+            sources.append(to_device(host, self.device))
+            tail = iter(range(total, total + len(host)))
+            index = [next(tail) if i is None else i for i in index]
+        table = sources[0] if len(sources) == 1 else torch.cat(sources)
+        if index == list(range(len(table))):
+            return table
+        return table.index_select(0, to_device(index, self.device))
+
+    def _sampled(self, batch: list[Request], out: DecodeOutput) -> _Readback:
         ids = next_tokens(out, [r.params.temperature for r in batch], [r.params.top_p for r in batch],
-                          [r._generator for r in batch]).tolist()
+                          [r._generator for r in batch])
+        readback = _Readback(batch, ids)
+        for i, req in enumerate(batch):
+            req._in_flight += 1
+            req._last = (readback, i)
+        return readback
+
+    def _hand_out(self, readback: _Readback) -> None:
+        """The host reads a launch's tokens (waiting for it if needed) and gives each request its token."""
         now = time.monotonic()
-        for req, tok in zip(batch, ids):
+        for req, tok in zip(readback.requests, readback.ids()):
+            if req._finished:  # ended while this token was in flight: it was never wanted
+                continue
+            req._in_flight -= 1
+            if req._last is not None and req._last[0] is readback:
+                req._last = None
             req.output_ids.append(tok)
             req.first_token_time = req.first_token_time or now
             stop = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else self.stop_ids)
@@ -277,6 +394,7 @@ class Engine:
                 self._finish(req, req._stop_reason)
 
     def _finish(self, req: Request, reason: str | None, error: Exception | None = None) -> None:
+        req._finished = True
         req.sink(TokenEvent([], finish_reason=reason, error=error))
 
     def _fail_all(self, error: Exception | None) -> None:
@@ -285,6 +403,7 @@ class Engine:
             for _, future in self._tasks:
                 future.set_exception(error or ModelNotReady("engine stopped"))
             self._tasks.clear()
+            self._launched = None
             self._waiting.clear()
             self._running.clear()
             self._free_slots = list(range(self.serving.max_running_sequences))

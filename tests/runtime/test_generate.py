@@ -12,7 +12,7 @@ import torch
 
 from moe_runtime.config import GatingConfig
 from moe_runtime.errors import InvalidRequest
-from moe_runtime.generate import SamplingParams, generate, sample
+from moe_runtime.generate import SamplingParams, generate, prefill, prefill_batch, sample
 from moe_runtime.model import ModelArgs
 from moe_runtime.weights import init_random
 
@@ -30,6 +30,28 @@ def test_batched_greedy_equals_each_prompt_alone(model):
         (alone,) = generate(model, [prompt], params)
         assert completion.output_ids == alone.output_ids
         assert completion.finish_reason == "length" and len(completion.output_ids) == 12
+
+
+def test_a_batched_prefill_equals_each_prompt_prefilled_alone(model):
+    """Right-padded prompts in one forward: the same last-token logits, the same cache rows up to each
+    prompt's end, and the padding is not expert load."""
+    prompts, slots = [[1, 2, 3, 4, 5], [9], [30, 31, 32, 33, 34, 35, 36, 37]], [2, 0, 3]
+    model.setup_cache(4, 64)
+    model.reset_counters()
+    together = prefill_batch(model, prompts, slots)
+    load = model.expert_load().clone()
+    rows = [(layer.attention.kv_cache.k.clone(), layer.attention.kv_cache.v.clone()) for layer in model.layers]
+    model.setup_cache(4, 64)
+    model.reset_counters()
+    alone = torch.stack([prefill(model, p, slot) for p, slot in zip(prompts, slots)])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+    assert torch.equal(load, model.expert_load())
+    assert int(load.sum()) == sum(map(len, prompts)) * model.args.num_layers * model.args.top_k
+    for (k, v), layer in zip(rows, model.layers):
+        cache = layer.attention.kv_cache
+        for p, slot in zip(prompts, slots):
+            torch.testing.assert_close(k[slot, : len(p)], cache.k[slot, : len(p)], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v[slot, : len(p)], cache.v[slot, : len(p)], atol=1e-5, rtol=1e-5)
 
 
 def test_sampling_is_reproducible_for_a_seed_and_varies_without_one(model):
