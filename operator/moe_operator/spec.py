@@ -365,7 +365,8 @@ def to_runtime_config(spec: DeploymentSpec) -> dict[str, Any]:
         "placement_file": PLACEMENT_FILE,
         "record_trace": None,
         "serving": {"host": "0.0.0.0", **dataclasses.asdict(serving), "admin_bind_address": "127.0.0.1",
-                    "drain_grace_seconds": float(serving.drain_grace_seconds)},
+                    "drain_grace_seconds": float(serving.drain_grace_seconds),
+                    "switch_interval_ms": 0.5},  # the runtime's default; a process tuning, not a CRD field
     }
 
 

@@ -76,6 +76,7 @@ class Request:
     slot: int | None = None
     _stop_reason: str | None = None
     _generator: torch.Generator | None = None
+    _stop_ids: frozenset[int] = frozenset()  # the request's stop ids and, unless ignore_eos, the model's eos
     _in_flight: int = 0  # tokens launched on the device and not yet handed out
     _last: tuple[_Readback, int] | None = None  # where the newest in-flight token is: (launch, row)
     _finished: bool = False
@@ -113,7 +114,7 @@ class Engine:
         self.max_seq_len = min(serving.max_seq_len, model.args.max_seq_len)
         model.setup_cache(serving.max_running_sequences, self.max_seq_len)
         self.device = model.output.weight.device
-        self.stop_ids = {model.args.eos_token_id} if model.args.eos_token_id is not None else set()
+        self.stop_ids = frozenset({model.args.eos_token_id} - {None})
         self.lock = threading.Lock()  # guards the model between the engine thread and readers
         self._cv = threading.Condition()
         self._waiting: deque[Request] = deque()
@@ -140,6 +141,8 @@ class Engine:
             request.request_id = request.request_id or f"req-{next(self._ids)}"
             if request.params.temperature > 0:
                 request._generator = make_generator(request.params.seed, self.device)
+            eos = frozenset() if request.params.ignore_eos else self.stop_ids
+            request._stop_ids = frozenset(request.params.stop_token_ids) | eos
             self._waiting.append(request)
             self._cv.notify()
         return request
@@ -374,8 +377,7 @@ class Engine:
                 req._last = None
             req.output_ids.append(tok)
             req.first_token_time = req.first_token_time or now
-            stop = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else self.stop_ids)
-            if tok in stop:
+            if tok in req._stop_ids:
                 req._stop_reason = req._stop_reason or "stop"
             elif len(req.output_ids) >= req.params.max_new_tokens:
                 req._stop_reason = req._stop_reason or "length"
