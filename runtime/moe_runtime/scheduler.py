@@ -1,8 +1,12 @@
 """Continuous batching: a bounded request queue and the engine loop that runs the model.
 
 Requests join the running batch (prefill into a free KV-cache row) and leave it (finish, stop, cancel,
-deadline) at decode-step boundaries. One engine thread owns the model; callers talk to it through
-`Engine.submit()` and each request's `sink`. No gRPC here: server.py adapts this to the wire.
+deadline) at decode-step boundaries; waiting prompts prefill together (generate.prefill_batch). One
+step stays in flight: the engine launches step N+1 from the device-side ids of step N, then reads step N's
+ids (pinned, behind an event) and hands them out while N+1 runs, so the host's per-token work overlaps
+the device. A request that ends that way had one more token launched, which is dropped. One engine
+thread owns the model; callers talk to it through `Engine.submit()` and each request's `sink`. No gRPC
+here: server.py adapts this to the wire.
 """
 
 from __future__ import annotations
