@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+from moe_runtime import triton_experts
 from moe_runtime.experts import experts_dynamic, experts_reference, experts_static, run_experts
 from moe_runtime.gating import route
+from moe_runtime.triton_experts import GEMV_MAX_SLOTS, experts_gemv
 
 # T tokens, E experts, K top-k, H hidden, F ffn; S = T*K token-slots.
 
@@ -30,6 +32,7 @@ STATIC_FRACTIONS = (0.25, 0.5, 1.0)
 HF_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 NUM_INPUTS = 3  # fresh inputs cycled through the reps, so no rep reuses the previous one's activations
 CELL_BUDGET_S = 1.0  # target timed seconds per (path, T) cell; keeps the full run within ~4 minutes
+TRITON_PATH = "ours triton experts_gemv"  # decode kernel: only T*K <= GEMV_MAX_SLOTS, only where triton runs
 
 
 def main() -> None:
@@ -106,6 +109,8 @@ def _paths(layer: dict) -> tuple[dict, list[str]]:
             None,
         ),
     }
+    if triton_experts.available(w13, w13, w2):  # only x's device and dtype are read: w13 stands in
+        paths[TRITON_PATH] = lambda i: (experts_gemv(i["x"], w13, w2, i["weights"], i["ids"]), None)
     for f in STATIC_FRACTIONS:
         paths[f"ours static f={f}"] = lambda i, f=f: experts_static(
             i["x"], w13, w2, i["weights"], i["ids"], f
@@ -179,16 +184,20 @@ def _check_accuracy(paths: dict, layer: dict, num_tokens: int) -> dict:
     errors = {}
     for name, fn in paths.items():
         try:
-            out, dropped = fn(i)
+            inputs = i
+            if name == TRITON_PATH:  # a decode kernel: the first GEMV_MAX_SLOTS // K tokens
+                inputs = {k: i[k][: GEMV_MAX_SLOTS // layer["top_k"]] for k in ("x", "weights", "ids")}
+            out, dropped = fn(inputs)
             if name == "plain torch._grouped_mm":
                 continue  # rows are in expert order, not token order: nothing to compare
-            errors[name] = ((out.float() - want).norm() / want.norm()).item()
+            rows = want[: out.shape[0]]
+            errors[name] = ((out.float() - rows).norm() / rows.norm()).item()
             why = (
                 f" ({int(dropped)} token-slots dropped by capacity)"
                 if dropped is not None and int(dropped)
                 else ""
             )
-            print(f"accuracy T={num_tokens} {name:<30} rel err of norm {errors[name]:.2e}{why}")
+            print(f"accuracy T={out.shape[0]} {name:<30} rel err of norm {errors[name]:.2e}{why}")
         except Exception as exc:  # a broken implementation is recorded, the bench goes on
             errors[name] = f"error: {type(exc).__name__}: {exc}"[:300]
             print(f"accuracy {name}: {errors[name]}")
@@ -214,6 +223,8 @@ def _time_cell(name: str, fn, layer: dict, inputs: list[dict], quick: bool) -> d
     num_slots = inputs[0]["ids"].numel()
     if name == "transformers batched_mm" and not _batched_mm_fits(layer, num_slots):
         return {"status": "skipped: copies one expert per token-slot, would not fit in memory"}
+    if name == TRITON_PATH and num_slots > GEMV_MAX_SLOTS:
+        return {"status": f"skipped: a decode kernel, T*K > {GEMV_MAX_SLOTS}"}
     return guarded(lambda: _measure_cell(fn, inputs, num_slots, quick))
 
 

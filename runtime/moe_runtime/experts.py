@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from moe_runtime import triton_experts
+
 # T tokens, E experts, K top-k, H hidden, F ffn; S = T*K token-slots, C capacity (static gating only).
 # A slot with id E is dropped (gating's adaptive top-p, issue 9): weight 0, never dispatched nor counted.
 # Weights are in nn.Linear layout: w13 [E, 2F, H] = cat(w1, w3) along dim 1 (HF gate_up_proj), w2 [E, H, F].
@@ -68,13 +70,16 @@ def experts_dynamic(x, w13, w2, topk_weights, topk_ids, expert_counts=None) -> t
 def experts_decode(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
     """Few token-slots: static shapes, no host sync, so a decode step can be CUDA-graph captured.
 
-    Reads only the active experts' weights. Where the grouped GEMM runs (SM90+ bf16, aligned CPU) that
-    is the dynamic path itself: groups of zero rows are skipped, so each chosen expert is read once and
-    nothing is copied (H100, Mixtral shape, T=1: 0.38 ms against 0.87 ms for the gather below).
-    Elsewhere a per-slot gather and bmm (gpt-fast's decode) while that moves fewer bytes than reading
-    every expert once; past that (T*K >= E/3, most experts hit anyway) one GEMM over all experts.
+    Reads only the active experts' weights. On CUDA with triton (SM80+, bf16/fp16) and at most
+    triton_experts.GEMV_MAX_SLOTS slots, two fused Triton GEMV kernels (issue 8). Otherwise, where the
+    grouped GEMM runs (SM90+ bf16, aligned CPU) the dynamic path itself: groups of zero rows are skipped,
+    so each chosen expert is read once and nothing is copied (H100, Mixtral shape, T=1: 0.38 ms against
+    0.87 ms for the gather below). Elsewhere a per-slot gather and bmm (gpt-fast's decode) while that
+    moves fewer bytes than reading every expert once; past that (T*K >= E/3) one GEMM over all experts.
     """
     _check_inputs(x, w13, w2, topk_weights, topk_ids)
+    if topk_ids.numel() <= triton_experts.GEMV_MAX_SLOTS and triton_experts.available(x, w13, w2):
+        return triton_experts.experts_gemv(x, w13, w2, topk_weights, topk_ids)
     if _grouped_mm_usable(x, w13, w2):
         return experts_dynamic(x, w13, w2, topk_weights, topk_ids)
     if _GATHER_BYTES_PER_SLOT * topk_ids.numel() < w13.shape[0]:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe_runtime import experts
+from moe_runtime import experts, triton_experts
 from moe_runtime.experts import (
     experts_decode,
     experts_dynamic,
@@ -102,7 +102,9 @@ def test_the_sync_check_catches_the_portable_paths_host_sync():
 
 
 def _force_gather_or_all_experts(monkeypatch, grouped: bool) -> None:
-    """On SM90 decode runs the grouped GEMM; grouped=False checks its other two strategies on CUDA."""
+    """On SM90 decode runs the grouped GEMM; grouped=False checks its other two strategies on CUDA.
+    The Triton GEMV that decode takes first is switched off (test_triton_experts_gpu.py covers it)."""
+    monkeypatch.setattr(triton_experts, "available", lambda *_: False)
     if not grouped:
         monkeypatch.setattr(experts, "_grouped_mm_usable", lambda *_: False)
 
