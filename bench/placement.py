@@ -267,6 +267,8 @@ def header(result: dict) -> list[str]:
         "largest device share of a batch's token-slots over all held-out batches and layers (OOM proxy); Avg Max",
         "Load = the mean over batches and layers of the largest share (straggler proxy); the ideal share is 1/W.",
         "W=8 with E=8 and no redundant slot holds one expert per rank: every planner is the same there.",
+        "replicate_pack's placements carry replica shares (the fraction of a replicated expert's token-slots",
+        "each replica takes, which the runtime's dispatch honours); the other planners, EPLB included, split equally.",
         "",
         "## Targets",
         "",

@@ -46,16 +46,20 @@ class ExpertController:
     def _fold(self) -> None:
         """Add the expert counts since the last fold to the slots of the current placement.
 
-        An expert with replicas has its tokens split across them as the dispatcher does (evenly,
-        remainder to the first replicas), so the counters stay integral and monotonic.
+        An expert with replicas has its tokens split across them by the placement's shares, as the
+        dispatcher splits them (rounded up for the first replicas: evenly without shares, the remainder
+        to the first ones), so the counters stay integral and monotonic.
         """
         load = self.engine.expert_load().numpy()
         delta, self._seen = load - self._seen, load
+        shares = self.placement.slot_shares()  # [L, P]
         for layer, held in enumerate(self.placement.slots):
             for expert, slots in _replicas(held).items():
-                share, rest = divmod(int(delta[layer, expert]), len(slots))
-                for i, slot in enumerate(slots):
-                    self._slot_totals[layer, slot] += share + (1 if i < rest else 0)
+                total = int(delta[layer, expert])
+                upto = np.ceil(np.cumsum(shares[layer, slots]) * total - 1e-9).astype(np.int64)  # cumulative
+                upto = np.minimum(upto, total)
+                upto[-1] = total
+                self._slot_totals[layer, slots] += np.diff(upto, prepend=0)
 
     def _gathered(self) -> np.ndarray:
         """[L, P] slot counters of every rank (rank-major slots), read between engine steps."""

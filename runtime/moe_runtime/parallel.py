@@ -5,9 +5,10 @@ each step, so all ranks step in lockstep on its schedule); each MoE layer shards
 routes its shard, sends token-slots to the ranks holding their experts' physical slots with a two-step
 all_to_all over variable splits (the paper's dynamic gating under EP), runs the local slots, sends results
 back, combines, and all-gathers the shards. A placement maps physical slots to logical experts; a hot
-expert's replicas split its tokens evenly. Weights of every expert stay in a host store (pinned on CUDA)
-from which live re-placement fills spare buffers, switched at a step boundary. With expert buffering each
-rank serves its slots from a smaller pool of device buffers instead (parallel_buffering.py, issue 5).
+expert's replicas split its tokens by the placement's shares (evenly without them; choose_replicas).
+Weights of every expert stay in a host store (pinned on CUDA) from which live re-placement fills spare
+buffers, switched at a step boundary. With expert buffering each rank serves its slots from a smaller pool
+of device buffers instead (parallel_buffering.py, issue 5).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from moe_runtime.parallel_buffering import enable_rank_buffering
 from moe_runtime.placement import Placement
 
 # T tokens, K top-k, E experts, H hidden, F ffn, W ranks, S slots per rank, P = W*S physical slots,
-# L layers, N token-slots received by this rank
+# L layers, N token-slots received by this rank, R replicas of an expert (at most)
+
+GOLDEN = (5**0.5 - 1) / 2  # frac(n * GOLDEN), n = 0, 1, ...: the most evenly spread sequence in [0, 1)
+SEEN_WRAP = 2**32  # per-expert counters wrap here, so n * GOLDEN keeps 20 fractional bits in float64
 
 
 @dataclass(frozen=True)
@@ -72,15 +76,41 @@ def init_group(cfg: ParallelConfig, timeout_s: float = 3600.0) -> None:
                             world_size=cfg.world_size, timeout=timedelta(seconds=timeout_s))
 
 
-def _replica_tables(held: tuple[int, ...], num_experts: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[E, R] physical slots of each expert's replicas (padded by repetition) and [E] replica counts."""
+def replica_tables(held: tuple[int, ...], shares, num_experts: int, device) -> tuple[torch.Tensor, ...]:
+    """[E, R] physical slots of each expert's replicas (padded by repetition) and [E, R] the upper ends of
+    their intervals in [0, 1): cumulative shares, the last replica's (and the padding's) beyond 1."""
     replicas: list[list[int]] = [[] for _ in range(num_experts)]
     for slot, expert in enumerate(held):
         replicas[expert].append(slot)
     width = max(len(r) for r in replicas)
     table = [[r[i % len(r)] for i in range(width)] for r in replicas]
+    upper = [[sum(float(shares[s]) for s in r[: i + 1]) if i < len(r) - 1 else 2.0 for i in range(width)]
+             for r in replicas]
     return (torch.tensor(table, dtype=torch.long, device=device),
-            torch.tensor([len(r) for r in replicas], dtype=torch.long, device=device))
+            torch.tensor(upper, dtype=torch.float64, device=device))
+
+
+def choose_replicas(topk_ids: torch.Tensor, expert_counts: torch.Tensor, seen: torch.Tensor,
+                    slots: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """The physical slot of each token-slot: the n-th token-slot this rank ever routes to expert e goes to
+    the replica whose share interval holds frac(n * GOLDEN), so every replica gets its share of e's
+    token-slots to within a few, batch after batch (a Weyl sequence: its count in any interval stays within
+    O(log n) of share * n; under 3 for the first 200 000). Only the load moves: replicas hold the same weights. On the device, no host sync.
+
+    topk_ids [Tr, K], expert_counts [E] this shard's token-slots per expert, seen [E] this rank's counters
+    (advanced in place), slots / upper [E, R] from replica_tables -> [Tr, K] physical slots.
+    """
+    ids = topk_ids.reshape(-1)  # [N]
+    counts = expert_counts.to(torch.int64)
+    order = torch.argsort(ids, stable=True)
+    first = torch.cumsum(counts, 0) - counts  # [E] where each expert's token-slots start in `order`
+    occurrence = torch.empty_like(ids)
+    occurrence[order] = torch.arange(ids.numel(), device=ids.device) - first[ids[order]]
+    n = seen[ids] + occurrence  # [N]
+    seen.add_(counts).remainder_(SEEN_WRAP)
+    point = torch.frac(n.to(torch.float64) * GOLDEN)  # [N] in [0, 1)
+    replica = (point[:, None] >= upper[ids]).sum(dim=1)  # [N] intervals wholly below the point
+    return slots[ids, replica].view_as(topk_ids)
 
 
 def _host_store(model, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -117,6 +147,7 @@ class ExpertParallel:
         for moe in model.moe_blocks:
             moe.parallel = self
         self.slot_load = torch.zeros(args.num_layers, placement.slots_per_rank, dtype=torch.int64, device=device)
+        self.replica_seen = torch.zeros(args.num_layers, args.num_experts, dtype=torch.int64, device=device)
 
     def _install(self, placement: Placement, count: bool = True) -> None:
         """Switch to `placement` at a step boundary. Buffered: the rank's masters are re-pointed and its
@@ -126,7 +157,8 @@ class ExpertParallel:
             self.buffering.place(placement)
         else:
             copied = self._fill_slots(placement, count)
-        self.tables = [_replica_tables(held, self.model.args.num_experts, self.device) for held in placement.slots]
+        self.tables = [replica_tables(held, shares, self.model.args.num_experts, self.device)
+                       for held, shares in zip(placement.slots, placement.slot_shares())]
         self.placement = placement
         self.copied_bytes += copied
         self.last_copied = copied
@@ -181,11 +213,9 @@ class ExpertParallel:
         if self.buffering is not None:
             self.buffering.score(layer, routing.topk_ids, start, end)
         k = routing.topk_ids.shape[1]
-        table, count = self.tables[layer]
-        # Replica choice: spread an expert's token-slots round-robin over its replicas (global slot index,
-        # so the choice does not depend on how tokens are sharded).
-        slot_index = torch.arange(start * k, end * k, device=x.device).view(-1, k)  # [Tr, K]
-        phys = table[routing.topk_ids, slot_index % count[routing.topk_ids]]  # [Tr, K]
+        # Replica choice: each replica takes its share of the expert's token-slots, counted per rank.
+        phys = choose_replicas(routing.topk_ids, routing.expert_counts, self.replica_seen[layer],
+                               *self.tables[layer])  # [Tr, K]
         key = phys.reshape(-1)  # [Tr*K] = dest rank * S + local slot
         order = torch.argsort(key, stable=True)
         send = torch.zeros(w * s, dtype=torch.int64, device=x.device).index_add_(
@@ -267,10 +297,18 @@ class Lockstep:
     def apply(self, placement: Placement) -> int:
         """Switch every rank to `placement` at this step boundary; total bytes copied over the group."""
         flat = [e for layer in placement.slots for e in layer]
+        has_shares = placement.shares is not None
         self._bcast([OP_APPLY, placement.version, placement.num_ranks, placement.slots_per_rank,
-                     placement.num_layers, 0])
+                     placement.num_layers, int(has_shares)])
         self._bcast(flat)
+        if has_shares:  # float64 over the wire: the followers' shares are the leader's, bit for bit
+            self._bcast_shares(torch.tensor(placement.shares, dtype=torch.float64).reshape(-1))
         return self._apply_local(placement)
+
+    def _bcast_shares(self, shares: torch.Tensor) -> torch.Tensor:
+        t = shares.to(self.comm)
+        dist.broadcast(t, src=0)
+        return t.cpu()
 
     def _apply_local(self, placement: Placement) -> int:
         copied = torch.tensor([self.ep.apply(placement)], dtype=torch.int64, device=self.comm)
@@ -292,13 +330,18 @@ class Lockstep:
     def follow(self) -> None:
         """Replay the leader's steps until it says shutdown; a lost peer raises (the process exits)."""
         while True:
-            op, a, b, c, d, _ = self._recv(_HEADER).tolist()
+            op, a, b, c, d, e = self._recv(_HEADER).tolist()
             if op == OP_FORWARD:
                 self._follow_forward(a, b, c, bool(d))
             elif op == OP_APPLY:
                 flat = self._recv(d * b * c).tolist()
                 p = c * b
-                self._apply_local(Placement(a, b, c, tuple(tuple(flat[i * p:(i + 1) * p]) for i in range(d))))
+                shares = None
+                if e:
+                    got = self._bcast_shares(torch.empty(d * p, dtype=torch.float64)).tolist()
+                    shares = tuple(tuple(got[i * p:(i + 1) * p]) for i in range(d))
+                slots = tuple(tuple(flat[i * p:(i + 1) * p]) for i in range(d))
+                self._apply_local(Placement(a, b, c, slots, shares))
             elif op == OP_GATHER_LOAD:
                 self.ep.gather_slot_load()
             elif op == OP_SETUP:

@@ -1,5 +1,6 @@
 """Expert placement: the versioned Placement (runtime, operator and ConfigMap format), the load metric and
-the planners (paper section 5; issue 6).
+the planners (paper section 5; issue 6). A placement may carry per-slot shares: the fraction of an expert's
+token-slots each of its replicas takes (default: equal), which the runtime's dispatch honours.
 
 Torch-free and gRPC-free: the operator imports this module. The packing algorithms live beside it in
 `placement_planners`; callers import everything from here.
@@ -23,6 +24,8 @@ from moe_runtime.traces import Trace, load_trace
 # L layers, E experts, W ranks, S slots per rank, P = W*S physical slots (slot p on rank p // S), B batches
 
 _KEYS = ("num_ranks", "slots", "slots_per_rank", "version")
+_OPTIONAL_KEYS = ("shares",)
+SHARE_TOLERANCE = 1e-6  # the shares of one expert's replicas must sum to 1 within this
 
 
 class PlacementError(ValueError):
@@ -35,12 +38,17 @@ class Placement:
     num_ranks: int
     slots_per_rank: int
     slots: tuple[tuple[int, ...], ...]  # [L][P] logical expert held by each physical slot, rank-major
+    # [L][P] fraction of its expert's token-slots each physical slot takes (one expert's replicas sum to 1);
+    # None: every expert's replicas split its token-slots equally (what placements without shares mean)
+    shares: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("version", "num_ranks", "slots_per_rank"):
             if isinstance(getattr(self, name), np.integer):
                 object.__setattr__(self, name, int(getattr(self, name)))
         object.__setattr__(self, "slots", tuple(tuple(int(e) for e in layer) for layer in self.slots))
+        if self.shares is not None:
+            object.__setattr__(self, "shares", tuple(tuple(float(f) for f in layer) for layer in self.shares))
 
     @property
     def num_layers(self) -> int:
@@ -90,6 +98,24 @@ class Placement:
                 )
             if min(held) < 0:
                 raise PlacementError(f"layer {layer}: negative expert id {min(held)}")
+        if self.shares is not None:
+            self._check_shares()
+
+    def _check_shares(self) -> None:
+        if len(self.shares) != self.num_layers:
+            raise PlacementError(f"shares has {len(self.shares)} layers, slots has {self.num_layers}")
+        for layer, (held, share) in enumerate(zip(self.slots, self.shares)):
+            if len(share) != len(held):
+                raise PlacementError(f"layer {layer} has {len(share)} shares, expected {len(held)} (one per slot)")
+            values = np.asarray(share)
+            if not np.isfinite(values).all() or (values < 0).any():
+                raise PlacementError(f"layer {layer}: shares must be finite and non-negative")
+            total = np.bincount(held, weights=values)[np.unique(held)]
+            bad = np.flatnonzero(np.abs(total - 1.0) > SHARE_TOLERANCE)
+            if bad.size:
+                expert = int(np.unique(held)[bad[0]])
+                raise PlacementError(f"layer {layer}: the shares of expert {expert}'s replicas sum to "
+                                     f"{total[bad[0]]:.9g}, not 1")
 
     def replicas(self, layer: int) -> dict[int, list[int]]:
         """Logical expert -> the physical slots holding it, in one layer."""
@@ -106,10 +132,18 @@ class Placement:
     def to_array(self) -> np.ndarray:
         return np.asarray(self.slots, dtype=np.int64).reshape(self.num_layers, self.num_slots)  # [L, P]
 
+    def slot_shares(self) -> np.ndarray:
+        """[L, P] fraction of its expert's token-slots each slot takes: the shares, or 1 / replicas."""
+        if self.shares is not None:
+            return np.asarray(self.shares, dtype=np.float64).reshape(self.num_layers, self.num_slots)
+        table = self.to_array()
+        counts = np.stack([np.bincount(row)[row] for row in table])  # [L, P] replicas of each slot's expert
+        return 1.0 / counts
+
     def digest(self) -> str:
-        """Short stable hash of the body (everything but the version)."""
-        body = json.dumps([self.num_ranks, self.slots_per_rank, self.slots], separators=(",", ":"))
-        return hashlib.sha256(body.encode()).hexdigest()[:16]
+        """Short stable hash of the body (everything but the version); unchanged for placements without shares."""
+        body = [self.num_ranks, self.slots_per_rank, self.slots] + ([self.shares] if self.shares is not None else [])
+        return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()[:16]
 
     def same_body(self, other: Placement) -> bool:
         return self.with_version(other.version) == other
@@ -118,8 +152,10 @@ class Placement:
         return replace(self, version=version)
 
     def to_dict(self) -> dict:
+        shares = {} if self.shares is None else {"shares": [list(layer) for layer in self.shares]}
         return {
             "num_ranks": self.num_ranks,
+            **shares,
             "slots": [list(layer) for layer in self.slots],
             "slots_per_rank": self.slots_per_rank,
             "version": self.version,
@@ -130,7 +166,7 @@ class Placement:
         """Build from parsed JSON; raise PlacementError naming a missing, unknown or mistyped field."""
         if not isinstance(data, dict):
             raise PlacementError(f"placement must be a JSON object, got {type(data).__name__}")
-        missing, unknown = set(_KEYS) - data.keys(), data.keys() - set(_KEYS)
+        missing, unknown = set(_KEYS) - data.keys(), data.keys() - set(_KEYS) - set(_OPTIONAL_KEYS)
         if missing or unknown:
             raise PlacementError(f"placement fields: missing {sorted(missing)}, unknown {sorted(unknown)}")
         for name in ("version", "num_ranks", "slots_per_rank"):
@@ -141,15 +177,24 @@ class Placement:
             raise PlacementError("slots must be a list of layers, each a list of expert ids")
         if not all(type(e) is int for layer in layers for e in layer):
             raise PlacementError("slots must hold integer expert ids")
-        placement = cls(data["version"], data["num_ranks"], data["slots_per_rank"], tuple(map(tuple, layers)))
+        shares = data.get("shares")
+        if shares is not None and not (
+            isinstance(shares, list) and all(isinstance(layer, list) for layer in shares)
+            and all(type(f) in (int, float) for layer in shares for f in layer)
+        ):
+            raise PlacementError("shares must be a list of layers, each a list of numbers (one per slot)")
+        placement = cls(data["version"], data["num_ranks"], data["slots_per_rank"], tuple(map(tuple, layers)),
+                        None if shares is None else tuple(map(tuple, shares)))
         placement._check_structure()
         return placement
 
     def to_json(self) -> str:
         """Stable, human-readable JSON (sorted keys, one layer per line): the ConfigMap's placement.json."""
         layers = ",\n".join(f"    {json.dumps(list(layer))}" for layer in self.slots)
+        shares = ",\n".join(f"    {json.dumps(list(layer))}" for layer in self.shares or ())
+        shares = f'  "shares": [\n{shares}\n  ],\n' if self.shares is not None else ""
         return (
-            f'{{\n  "num_ranks": {self.num_ranks},\n  "slots": [\n{layers}\n  ],\n'
+            f'{{\n  "num_ranks": {self.num_ranks},\n{shares}  "slots": [\n{layers}\n  ],\n'
             f'  "slots_per_rank": {self.slots_per_rank},\n  "version": {self.version}\n}}\n'
         )
 
@@ -165,15 +210,20 @@ class Placement:
         """The ExpertControl message (moe_runtime.api.v1.Placement): same fields, same meaning."""
         from moe_runtime.api.v1 import expert_control_pb2 as ec_pb
 
+        shares = self.shares or [()] * self.num_layers
         return ec_pb.Placement(version=self.version, num_ranks=self.num_ranks, slots_per_rank=self.slots_per_rank,
-                               layers=[ec_pb.LayerSlots(experts=list(layer)) for layer in self.slots])
+                               layers=[ec_pb.LayerSlots(experts=list(layer), shares=list(share))
+                                       for layer, share in zip(self.slots, shares)])
 
     @classmethod
     def from_proto(cls, msg) -> Placement:
-        """From an ExpertControl Placement message; checked as from_dict checks JSON."""
+        """From an ExpertControl Placement message; checked as from_dict checks JSON (no layer with shares:
+        equal shares, as in messages from before shares existed)."""
+        shares = [list(layer.shares) for layer in msg.layers]
         return cls.from_dict({"version": msg.version, "num_ranks": msg.num_ranks,
                               "slots_per_rank": msg.slots_per_rank,
-                              "slots": [list(layer.experts) for layer in msg.layers]})
+                              "slots": [list(layer.experts) for layer in msg.layers]}
+                             | ({"shares": shares} if any(shares) else {}))
 
 
 def slots_per_rank_for(num_experts: int, num_ranks: int, redundant_slots: int = 0) -> int:
@@ -202,17 +252,15 @@ def round_robin(
 
 
 def rank_loads(placement: Placement, expert_load: np.ndarray) -> np.ndarray:
-    """[..., L, E] token-slots per expert -> [..., L, W] per rank, each expert split evenly over replicas."""
+    """[..., L, E] token-slots per expert -> [..., L, W] per rank, each expert split over its replicas by
+    the placement's shares (evenly without them), as the runtime's dispatch splits it."""
     load = np.asarray(expert_load, dtype=np.float64)
     if load.ndim < 2 or load.shape[-2] != placement.num_layers:
         raise PlacementError(f"expert_load must be [..., {placement.num_layers}, E], got {load.shape}")
     placement.validate(load.shape[-1], placement.num_layers)
     table = placement.to_array()  # [L, P]
-    counts = np.stack([np.bincount(row, minlength=load.shape[-1]) for row in table])  # [L, E]
-    per_replica = load / counts  # [..., L, E]
-    slot_load = np.take_along_axis(
-        per_replica, np.broadcast_to(table, load.shape[:-1] + table.shape[-1:]), -1
-    )
+    slot_load = np.take_along_axis(load, np.broadcast_to(table, load.shape[:-1] + table.shape[-1:]), -1)
+    slot_load = slot_load * placement.slot_shares()  # [..., L, P]
     return slot_load.reshape(*load.shape[:-1], placement.num_ranks, placement.slots_per_rank).sum(-1)
 
 
@@ -301,9 +349,10 @@ def _checked_load(expert_load: np.ndarray, num_ranks: int, slots_per_rank: int) 
     return load
 
 
-def _placement(table: np.ndarray, version: int, num_experts: int) -> Placement:
+def _placement(table: np.ndarray, version: int, num_experts: int, shares: np.ndarray | None = None) -> Placement:
     num_layers, num_ranks, slots_per_rank = table.shape
-    placement = Placement(version, num_ranks, slots_per_rank, table.reshape(num_layers, -1).tolist())
+    shares = None if shares is None else shares.reshape(num_layers, -1).tolist()
+    placement = Placement(version, num_ranks, slots_per_rank, table.reshape(num_layers, -1).tolist(), shares)
     placement.validate(num_experts, num_layers)
     return placement
 
@@ -345,14 +394,16 @@ def anti_correlation(
 def replicate_pack(
     expert_load: np.ndarray, num_ranks: int, slots_per_rank: int, *, version: int, coactivation=None, seed=0
 ) -> Placement:
-    """Ours: EPLB's replicate-then-pack, improved by swaps and replica-count search where it beats the noise.
+    """Ours: EPLB's replicate-then-pack, improved by swaps and replica-count search where it beats the noise,
+    then unequal shares for the replicas that even out what equal splits leave (placement_planners).
 
     Loads are token-slot counts: a change must lower a rank's maximum by more than 2 sqrt(load) (see
     placement_planners.MIN_GAIN_STANDARD_ERRORS). Never two replicas of one expert on a rank when avoidable.
+    Shares move no weights, so they are always re-fit; a plan whose shares all come out equal carries none.
     """
     load = _checked_load(expert_load, num_ranks, slots_per_rank)
     table = planners.replicate_pack_table(load, num_ranks, slots_per_rank, seed)
-    return _placement(table, version, load.shape[1])
+    return _placement(table, version, load.shape[1], planners.replica_shares(load, table))
 
 
 PLANNERS: dict[str, Callable[..., Placement]] = {

@@ -2,7 +2,8 @@
 
 Pure numpy on checked [L, E] loads; returns rank-major [L, W, S] tables. No Placement, no I/O, no torch:
 `moe_runtime.placement` validates inputs, wraps the tables into versioned Placements and stays the only
-import point. Algorithms: the paper's greedy and anti-correlation (section 5) and our replicate_pack.
+import point. Algorithms: the paper's greedy and anti-correlation (section 5), our replicate_pack and the
+unequal replica shares that even out what its equal splits leave.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ ANTI_CORRELATION_WEIGHT = 0.5  # the paper's fixed coefficient on the Pearson co
 # of the window (and does not move expert weights for nothing).
 MIN_GAIN_STANDARD_ERRORS = 2.0
 DONORS = 4  # replica-count search: how many donor experts to try per receiver
+# Water-filling sweeps over the replicated experts: the maximum settles within a few (the pieces keep
+# drifting along directions that leave it unchanged), so stop once no piece moves by 1e-4 of a mean rank.
+SHARE_SWEEPS, SHARE_TOLERANCE = 20, 1e-4
+# Shares level each rank's load plus this many sqrt(its Poisson variance), not the load alone: a rank whose
+# load is mostly a few unsplit experts is noisier in the next window, so it is left a little lighter.
+SHARE_STANDARD_ERRORS = 2.0
+SHARE_DECIMALS = 6  # shares are written rounded: readable JSON, balance exact to 1e-6 of an expert's load
 
 
 def greedy_table(load: np.ndarray, num_ranks: int, slots_per_rank: int, seed: int) -> np.ndarray:
@@ -61,6 +69,80 @@ def replicate_pack_table(load: np.ndarray, num_ranks: int, slots_per_rank: int, 
         adopt_better(state, packed(load, prio, hottest, num_ranks, slots_per_rank), np.arange(load.shape[0]))
     refine_counts(load, prio, state, num_ranks)
     return canonical(state[1])
+
+
+def replica_shares(load: np.ndarray, slots: np.ndarray) -> np.ndarray | None:
+    """[L, W, S] fraction of its expert's load each slot takes, chosen to even out the rank loads; None when
+    that is the equal split everywhere (no replicas, or nothing to gain). Shares move no weights.
+
+    Water-filling, sweep after sweep: each replicated expert in turn pours its load over the ranks holding
+    it up to one level, the rest of their loads held fixed, so no step raises the highest of those ranks.
+    Without the noise margin (SHARE_STANDARD_ERRORS = 0) the sweeps converge to the most even rank loads
+    the slot table allows: on such transportation problems min-max and least squares share their optimum.
+    """
+    num_layers, num_ranks = slots.shape[:2]
+    table = slots.reshape(num_layers, -1)  # [L, P]
+    counts = np.zeros(load.shape, dtype=np.int64)
+    np.add.at(counts, (np.arange(num_layers)[:, None], table), 1)
+    expert_load = np.take_along_axis(load, table, 1)  # [L, P] load of each slot's expert
+    equal = 1.0 / np.take_along_axis(counts, table, 1)  # [L, P]
+    piece = expert_load * equal  # [L, P] token-slots each slot takes, equal split to start
+    replicated = counts > 1  # [L, E]
+    order = np.argsort(~replicated, axis=1, kind="stable")[:, : replicated.sum(axis=1).max()]  # [L, J]
+    experts = np.where(np.take_along_axis(replicated, order, 1), order, -1)  # [L, J], -1 pads
+    tol = SHARE_TOLERANCE * float(load.sum(axis=1).max()) / num_ranks
+    for _ in range(SHARE_SWEEPS if experts.size else 0):
+        if max(pour(load, table, piece, expert_load, column, num_ranks) for column in experts.T) <= tol:
+            break
+    poured = np.zeros(load.shape)
+    np.add.at(poured, (np.arange(num_layers)[:, None], table), piece)
+    poured = np.take_along_axis(poured, table, 1)  # [L, P] the load each slot's expert was poured
+    share = np.divide(piece, poured, out=equal.copy(), where=np.isfinite(poured) & (poured > 0))
+    share = rounded(share, table, load.shape[1])
+    return None if np.abs(share - equal).max() < 10.0**-SHARE_DECIMALS else share.reshape(slots.shape)
+
+
+def pour(
+    load: np.ndarray, table: np.ndarray, piece: np.ndarray, expert_load: np.ndarray, experts: np.ndarray,
+    num_ranks: int,
+) -> float:
+    """One water-filling step, in place on piece [L, P] (expert_load [L, P] the load of each slot's expert):
+    in each layer with experts[l] >= 0, that expert's load goes to the ranks holding it so that they end as
+    level as possible (its slots on one rank share that rank's part equally). Returns the largest change."""
+    layers = np.flatnonzero(experts >= 0)
+    if layers.size == 0:
+        return 0.0
+    rows, expert = np.arange(layers.size), experts[layers]
+    held = piece[layers]  # [A, P]
+    mine = table[layers] == expert[:, None]  # [A, P]
+    by_rank = (num_ranks, -1)
+    count = mine.reshape(layers.size, *by_rank).sum(axis=2)  # [A, W] its slots on each rank
+    base = (held * ~mine).reshape(layers.size, *by_rank).sum(axis=2)  # [A, W] the rest of each rank's load
+    # a piece f * n of an expert with n token-slots varies as f^2 n = piece^2 / n (Poisson)
+    variance = (held**2 / np.maximum(expert_load[layers], 1.0)).reshape(layers.size, *by_rank).sum(axis=2)
+    base = np.where(count > 0, base + SHARE_STANDARD_ERRORS * np.sqrt(variance), np.inf)
+    level_of = np.sort(base, axis=1)  # [A, W] ranks holding it first, lightest first
+    filled = (load[layers, expert][:, None] + np.cumsum(np.where(np.isfinite(level_of), level_of, 0), 1))
+    level = filled / np.arange(1, num_ranks + 1)  # [A, W] the level if the k lightest ranks share the load
+    reaches = np.isfinite(level_of) & (level > level_of)
+    k = np.where(reaches.any(axis=1), num_ranks - 1 - np.argmax(reaches[:, ::-1], axis=1), 0)
+    part = np.where(count > 0, np.maximum(level[rows, k][:, None] - base, 0.0), 0.0)  # [A, W]
+    rank = np.arange(table.shape[1]) // (table.shape[1] // num_ranks)
+    new = np.where(mine, (part / np.maximum(count, 1))[:, rank], held)
+    piece[layers] = new
+    return float(np.abs(new - held).max())
+
+
+def rounded(share: np.ndarray, table: np.ndarray, num_experts: int) -> np.ndarray:
+    """[L, P] shares rounded to SHARE_DECIMALS, each expert's largest share absorbing the rounding so that
+    its replicas still sum to 1."""
+    out = np.round(share, SHARE_DECIMALS)
+    for layer, held in enumerate(table):
+        total = np.bincount(held, weights=out[layer], minlength=num_experts)
+        order = np.lexsort((-out[layer], held))  # by expert, its largest share first
+        largest = order[np.r_[True, np.diff(held[order]) != 0]]
+        out[layer, largest] = np.round(out[layer, largest] + 1.0 - total[held[largest]], SHARE_DECIMALS)
+    return out
 
 
 def packed(

@@ -113,6 +113,10 @@ def test_pinned_placement_is_parsed_from_camel_case():
     assert spec.rebalancing.pinned_placement == Placement(7, 2, 5, ((0, 1, 2, 3, 0, 4, 5, 6, 7, 1),) * 2)
     assert spec.slots_per_rank == 5 and spec.initial_placement().version == 7
     assert not spec.rebalancing.automatic
+    shares = [[0.25, 0.5, 1, 1, 0.75, 1, 1, 1, 1, 0.5]] * 2  # expert 0: 1/4 + 3/4, expert 1: 1/2 + 1/2
+    rebalancing["pinnedPlacement"] = pinned | {"shares": shares}
+    spec = DeploymentSpec.from_resource(resource(expertParallelSize=2, rebalancing=rebalancing))
+    assert spec.rebalancing.pinned_placement.shares == tuple(map(tuple, shares))
 
 
 @pytest.mark.parametrize(("pinned", "path", "words"), [

@@ -1,4 +1,5 @@
-"""Placement format, load metric and planners (issue 6): properties for every planner, hand examples."""
+"""Placement format (with and without replica shares), load metric and planners (issue 6): properties for
+every planner, hand examples."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_runtime import placement_planners
 from moe_runtime.placement import (
     PLANNERS,
     Placement,
@@ -102,8 +104,41 @@ def test_replicate_pack_is_never_worse_than_greedy_beyond_the_noise_of_its_fit_l
     assert (ours <= paper + 2 * np.sqrt(paper + 1) + 2 + 1e-9).all()
 
 
+@settings(max_examples=60, deadline=None)
+@given(inputs=planner_inputs())
+def test_replicate_pack_shares_lower_the_fit_loads_maximum_or_cost_at_most_their_noise_margin(inputs):
+    load, num_ranks, slots, _ = inputs
+    placement = replicate_pack(load, num_ranks, slots, version=0)
+    equal = Placement(0, num_ranks, slots, placement.slots)
+    ours, split_evenly = rank_loads(placement, load).max(axis=1), rank_loads(equal, load).max(axis=1)
+    # shares level load + SHARE_STANDARD_ERRORS sqrt(variance): a rank may end that much above the even split
+    margin = placement_planners.SHARE_STANDARD_ERRORS * np.sqrt(split_evenly + 1) + 1e-5 * load.sum(axis=1)
+    assert (ours <= split_evenly + margin).all()
+    if placement.shares is not None:
+        assert any(len(s) > 1 for layer in range(load.shape[0]) for s in placement.replicas(layer).values())
+
+
+def test_replica_shares_level_the_ranks_where_equal_splits_cannot(monkeypatch):
+    monkeypatch.setattr(placement_planners, "SHARE_STANDARD_ERRORS", 0.0)  # level the loads alone
+    load = np.array([[9.0, 1.0, 3.0]])  # expert 0 on both ranks: equal halves give 5.5 and 7.5
+    placement = replicate_pack(load, 2, 2, version=0)
+    assert sorted(placement.replicas(0)[0]) == [0, 2] and placement.shares is not None
+    assert rank_loads(placement, load) == pytest.approx(np.array([[6.5, 6.5]]), abs=1e-4)
+    assert placement.slot_shares()[0, [0, 2]].sum() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_a_balanced_plan_carries_no_shares():
+    placement = replicate_pack(np.full((2, 4), 100.0), 2, 3, version=0)
+    assert placement.shares is None and '"shares"' not in placement.to_json()
+
+
 def good() -> Placement:
     return Placement(version=2, num_ranks=2, slots_per_rank=2, slots=((0, 1, 2, 3), (3, 2, 1, 0)))
+
+
+def shared() -> Placement:
+    """Expert 0 on both ranks, its replicas taking 1/4 and 3/4 of its token-slots."""
+    return Placement(3, 2, 2, ((0, 1, 0, 2),), ((0.25, 1.0, 0.75, 1.0),))
 
 
 @pytest.mark.parametrize(
@@ -120,6 +155,10 @@ def good() -> Placement:
         (Placement(1, 2, 2, ()), 4, "no layers"),
         (Placement(1, 2, 2, ((0, 1, 2, -1),)), 4, "negative expert id"),
         (good(), 0, "num_experts must be positive"),
+        (Placement(1, 2, 2, ((0, 1, 0, 2),), ((0.5, 1.0, 0.6, 1.0),)), 3, "expert 0's replicas sum to 1.1"),
+        (Placement(1, 2, 2, ((0, 1, 0, 2),), ((-0.5, 1.0, 1.5, 1.0),)), 3, "finite and non-negative"),
+        (Placement(1, 2, 2, ((0, 1, 0, 2),), ((0.5, 1.0, 0.5),)), 3, "has 3 shares, expected 4"),
+        (Placement(1, 2, 2, ((0, 1, 0, 2),), ((0.5, 1.0, 0.5, 1.0),) * 2), 3, "shares has 2 layers"),
     ],
 )
 def test_bad_placement_is_rejected(bad, num_experts, message):
@@ -153,6 +192,14 @@ def test_placement_with_the_wrong_number_of_layers_is_rejected():
             "has 3 slots, expected 2",
         ),
         ('{"num_ranks": 2, "slots": [[0, 1]], "slots_per_rank": 1, "version": -4}', "version must be"),
+        (
+            '{"num_ranks": 2, "shares": [[1, "x"]], "slots": [[0, 1]], "slots_per_rank": 1, "version": 0}',
+            "shares must be a list of layers",
+        ),
+        (
+            '{"num_ranks": 2, "shares": [[1, 0.5]], "slots": [[0, 1]], "slots_per_rank": 1, "version": 0}',
+            "expert 1's replicas sum to 0.5",
+        ),
     ],
 )
 def test_malformed_placement_json_is_rejected_naming_the_problem(text, message):
@@ -166,6 +213,20 @@ def test_placement_json_is_stable_sorted_and_one_layer_per_line():
         '  "slots_per_rank": 2,\n  "version": 2\n}\n'
     )
     assert list(json.loads(good().to_json())) == sorted(good().to_dict())
+
+
+def test_placement_with_shares_round_trips_and_one_without_reads_and_hashes_as_before_shares():
+    placement = shared()
+    assert Placement.from_json(placement.to_json()) == placement
+    assert Placement.from_proto(placement.to_proto()) == placement
+    assert list(json.loads(placement.to_json())) == sorted(placement.to_dict())
+    assert '\n  "shares": [\n    [0.25, 1.0, 0.75, 1.0]\n  ],\n' in placement.to_json()
+    old = good()  # what every placement.json written before shares looks like
+    assert Placement.from_json(old.to_json()).shares is None and Placement.from_proto(old.to_proto()) == old
+    assert old.digest() == "5fc2427012f6688a"  # the digest the operator annotated before shares existed
+    unshared = Placement(3, 2, 2, placement.slots)
+    assert unshared.digest() != placement.digest() and not unshared.same_body(placement)
+    assert unshared.slot_shares().tolist() == [[0.5, 1.0, 0.5, 1.0]]
 
 
 def test_same_body_with_another_version_has_the_same_digest():
@@ -216,6 +277,10 @@ def test_an_expert_load_is_split_evenly_over_its_replicas():
     slot_load = np.array([[4.0, 1.0, 4.0, 3.0]])
     assert rank_loads_from_slots(placement, slot_load).tolist() == [[5.0, 7.0]]
     assert expert_load_from_slots(placement, slot_load, 3).tolist() == [[8.0, 1.0, 3.0]]
+
+
+def test_an_expert_load_is_split_over_its_replicas_by_their_shares():
+    assert rank_loads(shared(), np.array([[8.0, 1.0, 3.0]])).tolist() == [[3.0, 9.0]]  # 2 + 1, 6 + 3
 
 
 def test_greedy_reproduces_lpt_on_a_hand_example():

@@ -26,7 +26,7 @@ from moe_runtime.api.v1 import expert_control_pb2_grpc as ec_grpc
 from moe_runtime.api.v1 import generation_pb2 as gen
 from moe_runtime.api.v1 import generation_pb2_grpc as gen_grpc
 from moe_runtime.errors import ConfigError, InvalidRequest
-from moe_runtime.placement import round_robin
+from moe_runtime.placement import Placement, round_robin
 from moe_runtime.testing import ServerThread, loopback_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -93,6 +93,27 @@ def test_expert_load_is_cumulative_and_counts_every_token_slot():
         # 4 prompt tokens + 4 decoded inputs (the 5th token is sampled, never fed back) = 8 tokens x top_k
         assert ((a - b).sum(axis=1) == 8 * args.top_k).all()
         assert after.placement_version == 0 and after.num_ranks == 1
+
+
+def test_a_placement_with_shares_applies_and_the_slot_counters_split_by_them():
+    with ServerThread(loopback_config()) as st, grpc.insecure_channel(st.admin_address) as admin:
+        stub = ec_grpc.ExpertControlStub(admin)
+        args = st.server.serving.engine.model.args
+        experts = args.num_experts
+        held = (*range(experts), 0)  # expert 0 twice: its first slot takes 1/4, its last 3/4
+        shares = (0.25, *[1.0] * (experts - 1), 0.75)
+        placement = Placement(1, 1, experts + 1, (held,) * args.num_layers, (shares,) * args.num_layers)
+        assert not stub.ApplyPlacement(ec.ApplyPlacementRequest(placement=placement.to_proto())).unchanged
+        assert Placement.from_proto(stub.GetPlacement(ec.GetPlacementRequest())) == placement
+        before = stub.GetExpertLoad(ec.GetExpertLoadRequest())
+        ch, stream = _stream(st.address, 24, prompt=tuple(range(1, 40)))
+        list(stream)
+        ch.close()
+        after = stub.GetExpertLoad(ec.GetExpertLoadRequest())
+        load = np.array(after.ranks[0].slot_counts) - np.array(before.ranks[0].slot_counts)
+        load = load.reshape(args.num_layers, -1)  # [L, P]
+        expert0 = load[:, 0] + load[:, -1]
+        assert (expert0 > 0).all() and (load[:, 0] == np.ceil(expert0 / 4)).all()
 
 
 def test_apply_placement_versions_and_validation():

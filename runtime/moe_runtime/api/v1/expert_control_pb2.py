@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'moe_runtime/api/v1/expert_control.proto\x12\x12moe_runtime.api.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x16\n\x14GetExpertLoadRequest\"\xf2\x01\n\nExpertLoad\x12-\n\ttimestamp\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11placement_version\x18\x03 \x01(\x03\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x11\n\tnum_ranks\x18\x05 \x01(\x05\x12\x16\n\x0eslots_per_rank\x18\x06 \x01(\x05\x12+\n\x05ranks\x18\x07 \x03(\x0b\x32\x1c.moe_runtime.api.v1.RankLoad\"-\n\x08RankLoad\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x13\n\x0bslot_counts\x18\x02 \x03(\x03\"w\n\tPlacement\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x11\n\tnum_ranks\x18\x02 \x01(\x05\x12\x16\n\x0eslots_per_rank\x18\x03 \x01(\x05\x12.\n\x06layers\x18\x04 \x03(\x0b\x32\x1e.moe_runtime.api.v1.LayerSlots\"\x1d\n\nLayerSlots\x12\x0f\n\x07\x65xperts\x18\x01 \x03(\x05\"\x15\n\x13GetPlacementRequest\"I\n\x15\x41pplyPlacementRequest\x12\x30\n\tplacement\x18\x01 \x01(\x0b\x32\x1d.moe_runtime.api.v1.Placement\"R\n\x16\x41pplyPlacementResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x11\n\tunchanged\x18\x02 \x01(\x08\x12\x14\n\x0c\x63opied_bytes\x18\x03 \x01(\x03\":\n\x0c\x44rainRequest\x12*\n\x07timeout\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"3\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\x05\x12\x0f\n\x07\x64rained\x18\x02 \x01(\x08\x32\xf9\x02\n\rExpertControl\x12Y\n\rGetExpertLoad\x12(.moe_runtime.api.v1.GetExpertLoadRequest\x1a\x1e.moe_runtime.api.v1.ExpertLoad\x12V\n\x0cGetPlacement\x12\'.moe_runtime.api.v1.GetPlacementRequest\x1a\x1d.moe_runtime.api.v1.Placement\x12g\n\x0e\x41pplyPlacement\x12).moe_runtime.api.v1.ApplyPlacementRequest\x1a*.moe_runtime.api.v1.ApplyPlacementResponse\x12L\n\x05\x44rain\x12 .moe_runtime.api.v1.DrainRequest\x1a!.moe_runtime.api.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'moe_runtime/api/v1/expert_control.proto\x12\x12moe_runtime.api.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x16\n\x14GetExpertLoadRequest\"\xf2\x01\n\nExpertLoad\x12-\n\ttimestamp\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11placement_version\x18\x03 \x01(\x03\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x11\n\tnum_ranks\x18\x05 \x01(\x05\x12\x16\n\x0eslots_per_rank\x18\x06 \x01(\x05\x12+\n\x05ranks\x18\x07 \x03(\x0b\x32\x1c.moe_runtime.api.v1.RankLoad\"-\n\x08RankLoad\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x13\n\x0bslot_counts\x18\x02 \x03(\x03\"w\n\tPlacement\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x11\n\tnum_ranks\x18\x02 \x01(\x05\x12\x16\n\x0eslots_per_rank\x18\x03 \x01(\x05\x12.\n\x06layers\x18\x04 \x03(\x0b\x32\x1e.moe_runtime.api.v1.LayerSlots\"-\n\nLayerSlots\x12\x0f\n\x07\x65xperts\x18\x01 \x03(\x05\x12\x0e\n\x06shares\x18\x02 \x03(\x01\"\x15\n\x13GetPlacementRequest\"I\n\x15\x41pplyPlacementRequest\x12\x30\n\tplacement\x18\x01 \x01(\x0b\x32\x1d.moe_runtime.api.v1.Placement\"R\n\x16\x41pplyPlacementResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x11\n\tunchanged\x18\x02 \x01(\x08\x12\x14\n\x0c\x63opied_bytes\x18\x03 \x01(\x03\":\n\x0c\x44rainRequest\x12*\n\x07timeout\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"3\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\x05\x12\x0f\n\x07\x64rained\x18\x02 \x01(\x08\x32\xf9\x02\n\rExpertControl\x12Y\n\rGetExpertLoad\x12(.moe_runtime.api.v1.GetExpertLoadRequest\x1a\x1e.moe_runtime.api.v1.ExpertLoad\x12V\n\x0cGetPlacement\x12\'.moe_runtime.api.v1.GetPlacementRequest\x1a\x1d.moe_runtime.api.v1.Placement\x12g\n\x0e\x41pplyPlacement\x12).moe_runtime.api.v1.ApplyPlacementRequest\x1a*.moe_runtime.api.v1.ApplyPlacementResponse\x12L\n\x05\x44rain\x12 .moe_runtime.api.v1.DrainRequest\x1a!.moe_runtime.api.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,17 +42,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLACEMENT']._serialized_start=444
   _globals['_PLACEMENT']._serialized_end=563
   _globals['_LAYERSLOTS']._serialized_start=565
-  _globals['_LAYERSLOTS']._serialized_end=594
-  _globals['_GETPLACEMENTREQUEST']._serialized_start=596
-  _globals['_GETPLACEMENTREQUEST']._serialized_end=617
-  _globals['_APPLYPLACEMENTREQUEST']._serialized_start=619
-  _globals['_APPLYPLACEMENTREQUEST']._serialized_end=692
-  _globals['_APPLYPLACEMENTRESPONSE']._serialized_start=694
-  _globals['_APPLYPLACEMENTRESPONSE']._serialized_end=776
-  _globals['_DRAINREQUEST']._serialized_start=778
-  _globals['_DRAINREQUEST']._serialized_end=836
-  _globals['_DRAINRESPONSE']._serialized_start=838
-  _globals['_DRAINRESPONSE']._serialized_end=889
-  _globals['_EXPERTCONTROL']._serialized_start=892
-  _globals['_EXPERTCONTROL']._serialized_end=1269
+  _globals['_LAYERSLOTS']._serialized_end=610
+  _globals['_GETPLACEMENTREQUEST']._serialized_start=612
+  _globals['_GETPLACEMENTREQUEST']._serialized_end=633
+  _globals['_APPLYPLACEMENTREQUEST']._serialized_start=635
+  _globals['_APPLYPLACEMENTREQUEST']._serialized_end=708
+  _globals['_APPLYPLACEMENTRESPONSE']._serialized_start=710
+  _globals['_APPLYPLACEMENTRESPONSE']._serialized_end=792
+  _globals['_DRAINREQUEST']._serialized_start=794
+  _globals['_DRAINREQUEST']._serialized_end=852
+  _globals['_DRAINRESPONSE']._serialized_start=854
+  _globals['_DRAINRESPONSE']._serialized_end=905
+  _globals['_EXPERTCONTROL']._serialized_start=908
+  _globals['_EXPERTCONTROL']._serialized_end=1285
 # @@protoc_insertion_point(module_scope)

@@ -53,10 +53,12 @@ class Placement(_message.Message):
     def __init__(self, version: _Optional[int] = ..., num_ranks: _Optional[int] = ..., slots_per_rank: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerSlots, _Mapping]]] = ...) -> None: ...
 
 class LayerSlots(_message.Message):
-    __slots__ = ("experts",)
+    __slots__ = ("experts", "shares")
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
     experts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, experts: _Optional[_Iterable[int]] = ...) -> None: ...
+    shares: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, experts: _Optional[_Iterable[int]] = ..., shares: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GetPlacementRequest(_message.Message):
     __slots__ = ()
