@@ -2,7 +2,7 @@
 
 One Mixtral-8x7B-shaped MoE layer (H=4096, F=14336, E=8, top-2, bf16) timed through the plain dynamic path
 and through ExpertParallel (a 1-rank NCCL group: token sharding, the two-step all_to_all with its host
-sync, slot remapping, all_gather). Multi-GPU throughput (W=2, 4) is bench/ep.py's next step (issue 10).
+sync, slot remapping, all_gather). Multi-GPU throughput (W=2, 4) is bench/ep_multi.py (issue 10).
 Writes DIR/ep.json and DIR/ep.md. `--quick` runs a tiny shape on the CPU (gloo) to check the script.
 """
 
