@@ -19,10 +19,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-from moe_runtime import triton_experts
-from moe_runtime.experts import experts_dynamic, experts_reference, experts_static, run_experts
+from moe_runtime import triton_experts, triton_moe
+from moe_runtime.experts import (
+    DECODE_MAX_SLOTS,
+    experts_dynamic,
+    experts_reference,
+    experts_static,
+    run_experts,
+)
 from moe_runtime.gating import route
 from moe_runtime.triton_experts import GEMV_MAX_SLOTS, experts_gemv
+from moe_runtime.triton_moe import experts_fused
 
 # T tokens, E experts, K top-k, H hidden, F ffn; S = T*K token-slots.
 
@@ -33,6 +40,7 @@ HF_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 NUM_INPUTS = 3  # fresh inputs cycled through the reps, so no rep reuses the previous one's activations
 CELL_BUDGET_S = 1.0  # target timed seconds per (path, T) cell; keeps the full run within ~4 minutes
 TRITON_PATH = "ours triton experts_gemv"  # decode kernel: only T*K <= GEMV_MAX_SLOTS, only where triton runs
+FUSED_PATH = "ours triton fused_moe"  # forced experts_fused: T*K > DECODE_MAX_SLOTS, where triton runs
 
 
 def main() -> None:
@@ -111,6 +119,8 @@ def _paths(layer: dict) -> tuple[dict, list[str]]:
     }
     if triton_experts.available(w13, w13, w2):  # only x's device and dtype are read: w13 stands in
         paths[TRITON_PATH] = lambda i: (experts_gemv(i["x"], w13, w2, i["weights"], i["ids"]), None)
+    if triton_moe.available(w13, w13, w2):
+        paths[FUSED_PATH] = lambda i: (experts_fused(i["x"], w13, w2, i["weights"], i["ids"]), None)
     for f in STATIC_FRACTIONS:
         paths[f"ours static f={f}"] = lambda i, f=f: experts_static(
             i["x"], w13, w2, i["weights"], i["ids"], f
@@ -225,6 +235,8 @@ def _time_cell(name: str, fn, layer: dict, inputs: list[dict], quick: bool) -> d
         return {"status": "skipped: copies one expert per token-slot, would not fit in memory"}
     if name == TRITON_PATH and num_slots > GEMV_MAX_SLOTS:
         return {"status": f"skipped: a decode kernel, T*K > {GEMV_MAX_SLOTS}"}
+    if name == FUSED_PATH and num_slots <= DECODE_MAX_SLOTS:
+        return {"status": f"skipped: the decode path's range, T*K <= {DECODE_MAX_SLOTS}"}
     return guarded(lambda: _measure_cell(fn, inputs, num_slots, quick))
 
 

@@ -13,13 +13,20 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moe_runtime import triton_experts
+from moe_runtime import triton_experts, triton_moe
 
 # T tokens, E experts, K top-k, H hidden, F ffn; S = T*K token-slots, C capacity (static gating only).
 # A slot with id E is dropped (gating's adaptive top-p, issue 9): weight 0, never dispatched nor counted.
 # Weights are in nn.Linear layout: w13 [E, 2F, H] = cat(w1, w3) along dim 1 (HF gate_up_proj), w2 [E, H, F].
 
 DECODE_MAX_SLOTS: int = 16  # T*K at or below this uses experts_decode on the dynamic path
+
+# The Triton fused MoE (triton_moe.py) for DECODE_MAX_SLOTS < T*K <= FUSED_MOE_MAX_SLOTS on CUDA bf16/fp16
+# with triton, in place of experts_dynamic's grouped GEMMs + SiLU + index_add. Off until a GPU run of
+# bench/triton_moe.py shows it faster there (issue 8); flip it here, not per call. The range ends at the
+# bench's largest T (4096 at top-2); beyond it the grouped GEMMs run near the GEMM rate (1.24x at T=16384).
+FUSED_MOE: bool = False
+FUSED_MOE_MAX_SLOTS: int = 8192
 
 # The decode path's per-slot gather moves about this many expert-sizes of bytes per token-slot: read the
 # expert, write its gathered copy, read the copy in bmm. Reading every expert once is cheaper beyond it.
@@ -124,15 +131,27 @@ def run_experts(
     capacity_fraction: float = 1.0,
     expert_counts=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pick the expert path: (out [T, H], dropped token-slots for static gating else None)."""
+    """Pick the expert path: (out [T, H], dropped token-slots for static gating else None).
+
+    Dynamic: experts_decode up to DECODE_MAX_SLOTS slots, then triton_moe where FUSED_MOE says so, else
+    experts_dynamic."""
     if gating == "dynamic":
         # T*K is a shape, so the choice costs no sync and is fixed for a captured graph.
         if topk_ids.numel() <= DECODE_MAX_SLOTS:
             return experts_decode(x, w13, w2, topk_weights, topk_ids), None
+        if _fused_moe_takes(x, w13, w2, topk_ids):
+            _check_inputs(x, w13, w2, topk_weights, topk_ids)
+            return triton_moe.experts_fused(x, w13, w2, topk_weights, topk_ids), None
         return experts_dynamic(x, w13, w2, topk_weights, topk_ids, expert_counts), None
     if gating == "static":
         return experts_static(x, w13, w2, topk_weights, topk_ids, capacity_fraction)
     raise ValueError(f"gating must be one of 'dynamic', 'static', got {gating!r}")
+
+
+def _fused_moe_takes(x, w13, w2, topk_ids) -> bool:
+    """Whether run_experts hands the dynamic path to triton_moe: switched on, T*K in range, and runnable."""
+    in_range = DECODE_MAX_SLOTS < topk_ids.numel() <= FUSED_MOE_MAX_SLOTS
+    return FUSED_MOE and in_range and triton_moe.available(x, w13, w2)
 
 
 def _check_inputs(x, w13, w2, topk_weights, topk_ids) -> None:
