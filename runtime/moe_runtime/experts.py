@@ -22,11 +22,12 @@ from moe_runtime import triton_experts, triton_moe
 DECODE_MAX_SLOTS: int = 16  # T*K at or below this uses experts_decode on the dynamic path
 
 # The Triton fused MoE (triton_moe.py) for DECODE_MAX_SLOTS < T*K <= FUSED_MOE_MAX_SLOTS on CUDA bf16/fp16
-# with triton, in place of experts_dynamic's grouped GEMMs + SiLU + index_add. Off until a GPU run of
-# bench/triton_moe.py shows it faster there (issue 8); flip it here, not per call. The range ends at the
-# bench's largest T (4096 at top-2); beyond it the grouped GEMMs run near the GEMM rate (1.24x at T=16384).
-FUSED_MOE: bool = False
-FUSED_MOE_MAX_SLOTS: int = 8192
+# with triton, in place of experts_dynamic's grouped GEMMs + SiLU + index_add. On an H100 (Mixtral shape,
+# bench/results/triton_moe.md) it is faster up to T=1024 at top-2 (T=64 1.03 vs 1.16 ms, T=512 1.29 vs
+# 1.76, T=1024 1.88 vs 1.99) and slower from T=2048 (3.26 vs 3.16), where the grouped GEMMs run near the
+# GEMM rate: hence the range. One switch for the process, not per call.
+FUSED_MOE: bool = True
+FUSED_MOE_MAX_SLOTS: int = 2048
 
 # The decode path's per-slot gather moves about this many expert-sizes of bytes per token-slot: read the
 # expert, write its gathered copy, read the copy in bmm. Reading every expert once is cheaper beyond it.
