@@ -1,10 +1,12 @@
-"""Test and benchmark helpers: tiny transformers MoE checkpoints (every supported family) built on the fly.
+"""Test and benchmark helpers: tiny transformers MoE checkpoints (every supported family) built on the fly,
+servers on loopback, and bf16 expert layers on CUDA for the GPU kernels' tests.
 
 Imports transformers lazily; nothing in the serving path imports this module.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +166,47 @@ def transformers_greedy(hf_model, prompts: list[list[int]], max_new_tokens: int)
                                     pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
         outputs.append(out[0, len(prompt):].tolist())
     return outputs
+
+
+# ---- expert layers on CUDA (the Triton kernels' GPU tests) ---------------------------------------------
+
+
+@functools.cache
+def cuda_bf16_experts(num_experts: int, hidden: int, ffn: int):
+    """bf16 expert weights on the GPU, one set per shape (Mixtral's are 5.6 GB): w13 [E, 2F, H], w2 [E, H, F]."""
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w13 = torch.randn(num_experts, 2 * ffn, hidden, device="cuda", generator=gen) / hidden**0.5
+    w2 = torch.randn(num_experts, hidden, ffn, device="cuda", generator=gen) / ffn**0.5
+    return w13.to(torch.bfloat16), w2.to(torch.bfloat16)
+
+
+def cuda_bf16_case(num_tokens: int, top_k: int, layer: tuple[int, int, int] = (8, 256, 512), seed: int = 0):
+    """x [T, H] in bf16 routed by random router logits over layer (E, H, F)'s experts:
+    (x, w13, w2, topk_weights, topk_ids)."""
+    import torch
+
+    from moe_runtime.gating import route
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    num_experts, hidden, _ = layer
+    w13, w2 = cuda_bf16_experts(*layer)
+    x = torch.randn(num_tokens, hidden, device="cuda", generator=gen).to(torch.bfloat16)
+    routing = route(torch.randn(num_tokens, num_experts, device="cuda", generator=gen), top_k)
+    return x, w13, w2, routing.topk_weights, routing.topk_ids
+
+
+def float32_reference_error(out, x, w13, w2, topk_weights, topk_ids) -> float:
+    """Relative error of the norm of `out` [T, H] against experts_reference in float32, over the chosen
+    experts only (all of Mixtral's in float32 would take 11 GB); dropped slots (id E) stay dropped."""
+    import torch
+
+    from moe_runtime.experts import experts_reference
+
+    used, ids = torch.unique(topk_ids, return_inverse=True)
+    kept = used < w13.shape[0]  # a dropped slot's id E maps past the kept experts, as in the oracle
+    want = experts_reference(x.float(), w13[used[kept]].float(), w2[used[kept]].float(), topk_weights, ids)
+    if out.shape != want.shape:
+        raise AssertionError(f"shape {tuple(out.shape)}, expected {tuple(want.shape)}")
+    return ((out.float() - want).norm() / want.norm()).item()

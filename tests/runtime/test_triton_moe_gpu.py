@@ -1,14 +1,12 @@
 """triton_moe on CUDA: experts_fused in bf16 against the float32 oracle over T, K, E and odd sizes, dropped
 slots, no host sync, CUDA-graph replay with new routing, and run_experts taking it when switched on."""
 
-import functools
-
 import pytest
 import torch
 
 from moe_runtime import experts, triton_moe
-from moe_runtime.experts import experts_reference, run_experts
-from moe_runtime.gating import route
+from moe_runtime.experts import run_experts
+from moe_runtime.testing import cuda_bf16_case, float32_reference_error
 from moe_runtime.triton_moe import MoeTiles, experts_fused
 
 pytestmark = [
@@ -28,34 +26,16 @@ def _layer_id(layer) -> str:
     return "E{}-H{}-F{}".format(*layer)
 
 
-@functools.cache
-def _layer(num_experts, hidden, ffn):
-    """bf16 weights on the GPU, shared by every case of one shape (Mixtral's are 5.6 GB)."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    w13 = torch.randn(num_experts, 2 * ffn, hidden, device="cuda", generator=gen) / hidden**0.5
-    w2 = torch.randn(num_experts, hidden, ffn, device="cuda", generator=gen) / ffn**0.5
-    return w13.to(torch.bfloat16), w2.to(torch.bfloat16)  # [E, 2F, H], [E, H, F]
-
-
 def _case(num_tokens, top_k, layer=(8, 256, 512), seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    num_experts, hidden, _ = layer
-    w13, w2 = _layer(*layer)
-    x = torch.randn(num_tokens, hidden, device="cuda", generator=gen).to(torch.bfloat16)  # [T, H]
-    routing = route(torch.randn(num_tokens, num_experts, device="cuda", generator=gen), top_k)
-    if not triton_moe.available(x, w13, w2):
+    case = cuda_bf16_case(num_tokens, top_k, layer, seed)
+    if not triton_moe.available(*case[:3]):
         pytest.skip("triton is not importable or the GPU is older than SM80")
-    return x, w13, w2, routing.topk_weights, routing.topk_ids
+    return case
 
 
 def _assert_close_to_float32_reference(out, x, w13, w2, topk_weights, topk_ids):
-    # Only the chosen experts in float32: all of Mixtral's would take 11 GB.
-    used, ids = torch.unique(topk_ids, return_inverse=True)
-    kept = used < w13.shape[0]  # a dropped slot's id E maps past the kept experts, as in the oracle
-    sub13, sub2 = w13[used[kept]].float(), w2[used[kept]].float()
-    want = experts_reference(x.float(), sub13, sub2, topk_weights, ids)
-    assert out.dtype == torch.bfloat16 and out.shape == want.shape
-    rel = ((out.float() - want).norm() / want.norm()).item()
+    assert out.dtype == torch.bfloat16
+    rel = float32_reference_error(out, x, w13, w2, topk_weights, topk_ids)
     assert rel < 1e-2, f"relative error of the norm {rel:.2e}"
 
 
