@@ -101,6 +101,7 @@ def test_run_experts_takes_the_fused_path_when_switched_on_and_makes_no_host_syn
 
 def test_run_experts_keeps_the_grouped_path_while_switched_off(monkeypatch):
     x, w13, w2, topk_weights, topk_ids = _case(64, 2)
+    monkeypatch.setattr(experts, "FUSED_MOE", False)
     monkeypatch.setattr(triton_moe, "experts_fused", lambda *a: pytest.fail("switched off"))
     run_experts(x, w13, w2, topk_weights, topk_ids)
 
