@@ -1,6 +1,6 @@
 """The group leader's control state: readiness, the placement in force and per-slot load counters.
 
-Backs the ExpertControl service (server.py maps its exceptions to status codes). Slot counters are
+Backs the ExpertControl service (servicers.py maps its exceptions to status codes). Slot counters are
 cumulative and monotonic: the engine's per-expert counts are folded into physical slots under the
 placement that was in force when they were counted, before any placement switch. No grpc here.
 """

@@ -1,6 +1,6 @@
 """Domain exceptions of the runtime, raised where the problem is found.
 
-Only `server.py` maps them to gRPC status codes; the CLI prints them. Nothing here imports torch.
+Only `servicers.py` maps them to gRPC status codes; the CLI prints them. Nothing here imports torch.
 """
 
 

@@ -6,7 +6,7 @@ step stays in flight: the engine launches step N+1 from the device-side ids of s
 ids (pinned, behind an event) and hands them out while N+1 runs, so the host's per-token work overlaps
 the device. A request that ends that way had one more token launched, which is dropped. One engine
 thread owns the model; callers talk to it through `Engine.submit()` and each request's `sink`. No gRPC
-here: server.py adapts this to the wire.
+here: servicers.py adapts this to the wire.
 """
 
 from __future__ import annotations
