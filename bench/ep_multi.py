@@ -5,7 +5,9 @@ A script beside bench/ep.py (which keeps the W=1 overhead of the EP code path). 
 each (NCCL, NVLink multicast off; gloo on the CPU with --quick), attention-free. The runtime's EP shards a batch
 that every rank holds, so every rank gets the same [W*T, H] batch and routes and runs its own T tokens.
 Rank 0 writes DIR/ep_multi.json after each phase, the parent DIR/ep_multi.md; collectives time out, ranks die at
-a deadline. Not measured: static gating under EP (not implemented), whole-model prefill/decode.
+a deadline. `--gating static --capacity-fraction F` runs fairseq's capacity path instead, on one GPU and under
+EP (parallel_static.py: equal-split all_to_alls, replicas idle), into DIR/ep_multi_static_fF.*. Not measured:
+whole-model prefill/decode.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "runtime"))
 
 import moe_runtime.parallel as parallel_module  # noqa: E402
+import moe_runtime.parallel_static as parallel_static_module  # noqa: E402
+from moe_runtime.config import GatingConfig  # noqa: E402
 from moe_runtime.model import ModelArgs  # noqa: E402
 from moe_runtime.parallel import ExpertParallel, Lockstep, ParallelConfig, init_group  # noqa: E402
 from moe_runtime.placement import (  # noqa: E402
@@ -61,12 +65,20 @@ class Settings:
     device: str  # "cuda" (one GPU per rank) or "cpu"
     dtype: str
     backend: str
+    gating: str = "dynamic"
+    capacity_fraction: float = 1.0  # static gating only
 
     @classmethod
-    def for_mode(cls, quick: bool, layers: int) -> Settings:
+    def for_mode(cls, quick: bool, layers: int, gating: str = "dynamic", capacity_fraction: float = 1.0) -> Settings:
         if quick:
-            return cls("tiny", layers, (1, 8, 64), 64, 5, "cpu", "float32", "gloo")
-        return cls("mixtral-8x7b", layers, (1, 64, 512, 4096), 4096, 20, "cuda", "bfloat16", "nccl")
+            return cls("tiny", layers, (1, 8, 64), 64, 5, "cpu", "float32", "gloo", gating, capacity_fraction)
+        return cls("mixtral-8x7b", layers, (1, 64, 512, 4096), 4096, 20, "cuda", "bfloat16", "nccl", gating,
+                   capacity_fraction)
+
+    @property
+    def stem(self) -> str:
+        """Output file name: ep_multi (dynamic) or ep_multi_static_f0.25."""
+        return "ep_multi" if self.gating == "dynamic" else f"ep_multi_static_f{self.capacity_fraction:g}"
 
 
 # -- timing ----------------------------------------------------------------------------------------------
@@ -100,7 +112,7 @@ def _time(fn, device: torch.device, reps: int) -> float:
 
 
 class CollectiveClock:
-    """Stands in for parallel.py's `dist` during one extra pass: ExpertParallel.forward has no seam between its
+    """Stands in for parallel.py's and parallel_static.py's `dist` during one extra pass: ExpertParallel.forward has no seam between its
     collectives and its compute, so this times each all_to_all_single / all_gather call (CUDA events on the
     current stream, so a span includes waiting for the slower rank)."""
 
@@ -124,7 +136,7 @@ def _collective_ms(fn, device: torch.device, reps: int) -> float | None:
     """Median ms per `fn()` spent inside the EP collectives; None if parallel.py no longer calls them through
     its `dist`."""
     clock = CollectiveClock(device)
-    parallel_module.dist = clock
+    parallel_module.dist = parallel_static_module.dist = clock
     totals = []
     try:
         for _ in range(reps):
@@ -132,7 +144,7 @@ def _collective_ms(fn, device: torch.device, reps: int) -> float | None:
             fn()
             totals.append(sum(_elapsed_ms(s, e) for s, e in clock.spans))
     finally:
-        parallel_module.dist = dist
+        parallel_module.dist = parallel_static_module.dist = dist
     return sorted(totals)[len(totals) // 2] if clock.spans else None
 
 
@@ -279,14 +291,14 @@ def _run(rank: int, world: int, cfg: Settings, device: torch.device, out: Path) 
     comm = device if cfg.backend == "nccl" else torch.device("cpu")
     args = ModelArgs.from_name(cfg.preset).with_(num_layers=cfg.layers, vocab_size=512)
     started = time.perf_counter()
-    model = init_random(args, device=device, dtype=dtype)
+    model = init_random(args, device=device, dtype=dtype, gating=GatingConfig(cfg.gating, cfg.capacity_fraction))
     result = _meta(args, cfg, world, device)
     result["model_init_s"] = time.perf_counter() - started
 
     def report(section: str, value) -> None:
         result[section] = value
         if rank == 0:
-            (out / "ep_multi.json").write_text(json.dumps(result, indent=2))
+            (out / f"{cfg.stem}.json").write_text(json.dumps(result, indent=2))
 
     rows = _plain_rows(model.moe_blocks, args, cfg, world, device, dtype)
     setup = time.perf_counter()
@@ -345,8 +357,12 @@ def _cell(values: list) -> str:
 
 def markdown(result: dict) -> str:
     devices = ", ".join(sorted(set(result.get("devices", ["?"]))))
+    settings = result.get("settings", {})
+    gating = settings.get("gating", "dynamic")
+    if gating == "static":
+        gating += f" f {settings.get('capacity_fraction')}"
     lines = [f"# Expert parallelism over W={result.get('world')} ({devices}; torch {result.get('torch')}, "
-             f"NCCL {result.get('nccl')}, {result.get('dtype')}; {result.get('exit')})", "",
+             f"NCCL {result.get('nccl')}, {result.get('dtype')}; {gating} gating; {result.get('exit')})", "",
              "Per forward of the layers; one GPU = the group's W*T tokens on one GPU without EP; collectives per "
              "rank from a separate instrumented pass.", "",
              "| T per rank | W*T | one GPU ms | EP ms | in collectives ms (per rank) | EP tok/s | one GPU tok/s "
@@ -380,8 +396,11 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--deadline-s", type=float, default=200.0, help="every rank is killed after this")
     parser.add_argument("--quick", action="store_true", help="tiny shape on the CPU with gloo (checks the script)")
+    parser.add_argument("--gating", choices=("dynamic", "static"), default="dynamic")
+    parser.add_argument("--capacity-fraction", type=float, default=0.25,
+                        help="static gating: per-expert capacity = ceil(f * tokens per rank)")
     opts = parser.parse_args()
-    cfg = Settings.for_mode(opts.quick, opts.layers)
+    cfg = Settings.for_mode(opts.quick, opts.layers, opts.gating, opts.capacity_fraction)
     if cfg.device == "cuda" and torch.cuda.device_count() < opts.world:
         parser.error(f"--world {opts.world} needs {opts.world} GPUs, found {torch.cuda.device_count()}")
     # NVLink multicast off in NCCL, PyTorch and NVSHMEM: the lent machines ask for it (their KINDS.md)
@@ -389,7 +408,7 @@ def main() -> int:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ep_multi.json").unlink(missing_ok=True)
+    (out / f"{cfg.stem}.json").unlink(missing_ok=True)
     deadline = time.time() + opts.deadline_s
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="ep-multi-") as tmp:
@@ -398,11 +417,11 @@ def main() -> int:
         for p in procs:
             p.start()
         status = _wait(procs, deadline)
-    path = out / "ep_multi.json"
+    path = out / f"{cfg.stem}.json"
     result = json.loads(path.read_text()) if path.exists() else {"world": opts.world}
     result["exit"] = status
     path.write_text(json.dumps(result, indent=2))
-    (out / "ep_multi.md").write_text(markdown(result))
+    (out / f"{cfg.stem}.md").write_text(markdown(result))
     print(markdown(result))
     return 0 if status == "ok" and result.get("complete") else 1
 

@@ -96,7 +96,7 @@ def experts_decode(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
 
 
 def experts_static(
-    x, w13, w2, topk_weights, topk_ids, capacity_fraction: float
+    x, w13, w2, topk_weights, topk_ids, capacity_fraction: float, capacity_tokens: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Static gating, the paper's baseline: fairseq's inference path (moe branch, top2gate.py and
     moe_layer.py), top-2 generalised to top-K.
@@ -105,12 +105,14 @@ def experts_static(
     slot 0 of every token first). Kept weights are renormalised per token after dropping, as fairseq's
     default (normalize_gate_prob_before_dropping=False); so with renormalize=False routing this differs
     from the other paths even when nothing drops. Returns (out [T, H], dropped token-slots, 0-dim int64).
+    capacity_tokens: the token count C is taken from (default T); under expert parallelism, a rank's
+    padded shard size, as fairseq pads every worker's tokens to one length (parallel_static.py).
     """
     _check_inputs(x, w13, w2, topk_weights, topk_ids)
     if not (math.isfinite(capacity_fraction) and capacity_fraction > 0):
         raise ValueError(f"capacity_fraction must be a positive number, got {capacity_fraction!r}")
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
-    capacity = max(1, math.ceil(capacity_fraction * x.shape[0]))
+    capacity = static_capacity(capacity_fraction, x.shape[0] if capacity_tokens is None else capacity_tokens)
     combine_weights, dispatch_mask, dropped = _static_plan(topk_weights, topk_ids, w13.shape[0], capacity)
     # Dense one-hot dispatch and combine (fairseq's einsums "sec,sm->ecm" / "sec,ecm->sm"): O(T*E*C*H),
     # quadratic in T, which is the baseline's cost the paper measures.
@@ -119,6 +121,11 @@ def experts_static(
     y = torch.bmm(_silu_mul(h), w2.transpose(1, 2))  # [E, C, H]
     out = torch.einsum("tec,ech->th", combine_weights.to(x.dtype), y)  # [T, H]
     return out, dropped
+
+
+def static_capacity(capacity_fraction: float, tokens: int) -> int:
+    """C = ceil(f * T) token-slots per expert, at least 1."""
+    return max(1, math.ceil(capacity_fraction * tokens))
 
 
 def run_experts(

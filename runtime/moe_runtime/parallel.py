@@ -8,7 +8,8 @@ back, combines, and all-gathers the shards. A placement maps physical slots to l
 expert's replicas split its tokens by the placement's shares (evenly without them; choose_replicas).
 Weights of every expert stay in a host store (pinned on CUDA) from which live re-placement fills spare
 buffers, switched at a step boundary. With expert buffering each rank serves its slots from a smaller pool
-of device buffers instead (parallel_buffering.py, issue 5).
+of device buffers instead (parallel_buffering.py, issue 5). Static gating takes fairseq's path instead:
+equal-split all_to_alls of capacity-padded [E, C, H] blocks (parallel_static.py).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import torch
 import torch.distributed as dist
 
 from moe_runtime.config import ExpertBufferingConfig
+from moe_runtime.errors import ConfigError
 from moe_runtime.experts import run_experts
 from moe_runtime.gating import route
 from moe_runtime.parallel_buffering import enable_rank_buffering
+from moe_runtime.parallel_static import forward_static, primary_slots
 from moe_runtime.placement import Placement
 
 # T tokens, K top-k, E experts, H hidden, F ffn, W ranks, S slots per rank, P = W*S physical slots,
@@ -140,13 +143,15 @@ class ExpertParallel:
         self.copied_bytes = 0
         # Expert buffering (issue 5): this rank's slots live in host masters and load into a fixed pool
         # of device buffers on demand; it then owns the host store (packed rows) and `store` stays None.
+        if buffering is not None and buffering.enabled and model.gating.mode == "static":
+            raise ConfigError("static gating under expert parallelism does not support expert buffering")
         self.buffering = enable_rank_buffering(model, buffering, placement, rank, device)
         self.store = None if self.buffering is not None else _host_store(model, device)
         self.placement = placement
         self._install(placement, count=False)  # only the slot buffers stay on the device under EP
         for moe in model.moe_blocks:
             moe.parallel = self
-        self.slot_load = torch.zeros(args.num_layers, placement.slots_per_rank, dtype=torch.int64, device=device)
+        self._zero_load(placement)
         self.replica_seen = torch.zeros(args.num_layers, args.num_experts, dtype=torch.int64, device=device)
 
     def _install(self, placement: Placement, count: bool = True) -> None:
@@ -159,6 +164,7 @@ class ExpertParallel:
             copied = self._fill_slots(placement, count)
         self.tables = [replica_tables(held, shares, self.model.args.num_experts, self.device)
                        for held, shares in zip(placement.slots, placement.slot_shares())]
+        self.primary = [primary_slots(held, self.model.args.num_experts, self.device) for held in placement.slots]
         self.placement = placement
         self.copied_bytes += copied
         self.last_copied = copied
@@ -197,16 +203,33 @@ class ExpertParallel:
         buffered: new experts load on demand, counted in the rank's expert-cache stats)."""
         placement.validate(self.model.args.num_experts, self.model.args.num_layers)
         if placement.slots_per_rank != self.placement.slots_per_rank:
-            self.slot_load = torch.zeros(self.model.args.num_layers, placement.slots_per_rank,
-                                         dtype=torch.int64, device=self.device)
+            self._zero_load(placement)
         self._install(placement)
         return self.last_copied
 
+    def _zero_load(self, placement: Placement) -> None:
+        """slot_load [L, S]: token-slots this rank's slots ran (dynamic gating); static_load [L, P]: token-slots
+        this rank's shard routed to each physical slot (static gating, parallel_static.py)."""
+        layers, s = self.model.args.num_layers, placement.slots_per_rank
+        self.slot_load = torch.zeros(layers, s, dtype=torch.int64, device=self.device)
+        self.static_load = torch.zeros(layers, placement.num_ranks * s, dtype=torch.int64, device=self.device)
+
     def forward(self, layer: int, moe, x: torch.Tensor) -> torch.Tensor:
         """x [T, H], identical on every rank -> MoE output [T, H], identical on every rank."""
-        t, w, s = x.shape[0], self.world_size, self.placement.slots_per_rank
+        t, w = x.shape[0], self.world_size
         per = -(-t // w)  # shard size; the last shards may be short or empty
         start, end = min(self.rank * per, t), min((self.rank + 1) * per, t)
+        if moe.gating.mode == "static":
+            out = forward_static(self, layer, moe, x[start:end], per)  # [per, H]
+        else:
+            out = self._forward_dynamic(layer, moe, x, start, end, per)  # [per, H]
+        gathered = [torch.empty_like(out) for _ in range(w)]
+        dist.all_gather(gathered, out)
+        return torch.cat(gathered)[:t]
+
+    def _forward_dynamic(self, layer: int, moe, x: torch.Tensor, start: int, end: int, per: int) -> torch.Tensor:
+        """Dynamic gating over rows start:end of x [T, H] -> this rank's output [per, H]."""
+        w, s = self.world_size, self.placement.slots_per_rank
         shard = x[start:end]  # [Tr, H]
         routing = route(moe.router(shard), moe.args.top_k, renormalize=moe.args.norm_topk_prob)
         moe.expert_load += routing.expert_counts
@@ -242,18 +265,26 @@ class ExpertParallel:
         weights = routing.topk_weights.reshape(-1)[order, None].to(ys.dtype)
         out = torch.zeros((per, x.shape[1]), dtype=x.dtype, device=x.device)
         out.index_add_(0, order // k, ys * weights)
-        gathered = [torch.empty_like(out) for _ in range(w)]
-        dist.all_gather(gathered, out)
-        return torch.cat(gathered)[:t]
+        return out
 
     def gather_slot_load(self) -> torch.Tensor:
-        """[W, L, S] cumulative token-slots per (rank, layer, local slot), on every rank."""
+        """[W, L, S] cumulative token-slots per (rank, layer, local slot), on every rank: those each slot ran
+        under dynamic gating plus those routed to it (kept or dropped) under static gating."""
         parts = [torch.empty_like(self.slot_load) for _ in range(self.world_size)]
         dist.all_gather(parts, self.slot_load)
-        return torch.stack(parts).cpu()
+        routed = self.static_load.clone()
+        dist.all_reduce(routed)  # [L, P] over every rank's shard
+        layers, s = routed.shape[0], self.placement.slots_per_rank
+        return (torch.stack(parts) + routed.view(layers, self.world_size, s).transpose(0, 1)).cpu()
+
+    def gather_dropped_slots(self) -> int:
+        """Static gating's dropped token-slots over every rank's shard and every layer, on every rank."""
+        dropped = self.model.dropped_slots().reshape(1).to(torch.int64)
+        dist.all_reduce(dropped)
+        return int(dropped.item())
 
 
-OP_FORWARD, OP_APPLY, OP_GATHER_LOAD, OP_NOOP, OP_SHUTDOWN, OP_SETUP = 1, 2, 3, 4, 5, 6
+OP_FORWARD, OP_APPLY, OP_GATHER_LOAD, OP_NOOP, OP_SHUTDOWN, OP_SETUP, OP_GATHER_DROPPED = 1, 2, 3, 4, 5, 6, 7
 _HEADER = 6
 
 
@@ -319,6 +350,10 @@ class Lockstep:
         self._bcast([OP_GATHER_LOAD, 0, 0, 0, 0, 0])
         return self.ep.gather_slot_load()
 
+    def gather_dropped(self) -> int:
+        self._bcast([OP_GATHER_DROPPED, 0, 0, 0, 0, 0])
+        return self.ep.gather_dropped_slots()
+
     def heartbeat(self) -> None:
         """An idle leader pings the group, so a lost rank is noticed even without traffic."""
         self._bcast([OP_NOOP, 0, 0, 0, 0, 0])
@@ -344,6 +379,8 @@ class Lockstep:
                 self._apply_local(Placement(a, b, c, slots, shares))
             elif op == OP_GATHER_LOAD:
                 self.ep.gather_slot_load()
+            elif op == OP_GATHER_DROPPED:
+                self.ep.gather_dropped_slots()
             elif op == OP_SETUP:
                 self.model.setup_cache(a, b)
             elif op == OP_SHUTDOWN:
